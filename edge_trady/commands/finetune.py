@@ -1,0 +1,71 @@
+"""``edge-trady finetune``: fine-tune under a channel budget on the workstation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .options import data_options, model_options, selection_options, training_options
+
+
+@click.command("finetune")
+@model_options
+@data_options
+@selection_options
+@training_options
+@click.option(
+    "--engine",
+    type=click.Choice(["torch-masked", "torch-sparse", "ort"]),
+    default="torch-masked",
+    show_default=True,
+    help="torch-masked: full backward then masked (reference); torch-sparse: stores and "
+    "computes only the selected channels; ort: ONNX Runtime training artifact.",
+)
+@click.option(
+    "--plan",
+    "plan_path",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Run what plan.json describes (model, input, layers, budget, sampler); "
+    "options given explicitly on the command line still apply.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    required=True,
+    help="Output folder: model.pt (or model.onnx), metrics.jsonl, selection.jsonl, "
+    "summary.json, checkpoints/.",
+)
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
+@click.option("--checkpoint-every", type=click.IntRange(0), default=0, show_default=True,
+              help="Also checkpoint every N steps (0: at epoch ends only).")  # fmt: skip
+@click.pass_context
+def command(ctx: click.Context, plan_path: str | None, out_dir: str, resume: bool, quiet: bool,
+            **options) -> None:  # fmt: skip
+    """Fine-tune a model with TraDy or a baseline, training only the selected input channels.
+
+    The model runs with frozen BatchNorm and no dropout; plain SGD with a cosine schedule. Every
+    epoch the method draws the channels to update within --budget; the classifier is always
+    trained. Example:
+
+      edge-trady finetune --model efficientnet-lite0 --data fashion-mnist --per-class 100
+      --image-size 64 --method trady --budget 2% --epochs 10 --out runs/trady
+    """
+    from ..finetune import FinetuneSpec, run_finetune
+    from ..progress import Progress
+
+    fields = {k: v for k, v in options.items() if k in FinetuneSpec.__dataclass_fields__}
+    if plan_path:
+        from ..plan import Plan
+
+        explicit = {k for k in fields if ctx.get_parameter_source(k).name == "COMMANDLINE"}
+        fields = Plan.load(Path(plan_path)).finetune_fields() | {k: fields[k] for k in explicit}
+        fields["data"] = options["data"]
+    result = run_finetune(FinetuneSpec(**fields), Path(out_dir), Progress(quiet), resume)
+    if not quiet:
+        acc = f"{result.final_val_acc:.4f}" if result.final_val_acc is not None else "n/a"
+        click.echo(f"val_acc {result.initial_val_acc:.4f} -> {acc}; peak RSS "
+                   f"{result.peak_rss_bytes / 2**20:.0f} MiB; {result.seconds:.0f}s; "
+                   f"written to {out_dir}")  # fmt: skip

@@ -1,0 +1,488 @@
+"""Data sets for fine-tuning and evaluation (numpy, PIL and the standard library only: runs on
+the device).
+
+A data set is held as resized ``uint8`` pixels (1 byte per value) and normalised to ``float32``
+one batch at a time. Spec strings accepted by :func:`load_dataset`:
+
+- ``fashion-mnist`` or ``fashion-mnist:DIR``: IDX files of the Debian package
+  ``dataset-fashion-mnist`` (DIR defaults to ``$EDGE_TRADY_FASHION_MNIST`` or
+  ``/usr/share/datasets/fashion-mnist/``); ``val`` is the t10k test set.
+- ``synthetic`` or ``synthetic:K``: K (default 4) learnable classes of coloured stripes plus noise.
+- ``PATH.npz``: arrays ``x``, ``y`` and optional ``class_names``, ``x_val``, ``y_val``.
+- a directory: an image folder with one sub-folder of JPEG/PNG images per class, optionally
+  inside ``train/`` and ``val/`` (or ``test/``).
+
+Without an explicit validation set, ``val`` is a seeded, stratified holdout of ``val_fraction``.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import gzip
+import math
+import os
+import zipfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import DataError
+
+FASHION_MNIST_ENV = "EDGE_TRADY_FASHION_MNIST"
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist/"
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+SPEC_FORMS = (
+    "fashion-mnist[:DIR], synthetic[:K], a .npz file (x, y[, class_names, x_val, y_val]) "
+    "or an image folder (one sub-folder of JPEG/PNG images per class)"
+)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+SYNTHETIC_PER_CLASS = 32
+
+# Second entry of the seed sequence of each random stream (epoch_order uses [seed, epoch, 1]).
+_HOLDOUT_STREAM = 2
+_SUBSET_STREAM = 3
+_SYNTHETIC_STREAM = 4
+
+
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel normalisation: ``value = (pixel / 255 - mean) / std``."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __post_init__(self) -> None:
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"normalization needs 3 means and 3 positive stds, got {self}")
+
+    def to_dict(self) -> dict:
+        return {"mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Normalization:
+        return cls(tuple(float(v) for v in d["mean"]), tuple(float(v) for v in d["std"]))
+
+
+MINUS_ONE_TO_ONE = Normalization((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))  # EfficientNet-Lite
+IMAGENET = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+@dataclass
+class Dataset:
+    """Resized images of one split, normalised batch by batch."""
+
+    pixels: np.ndarray  # uint8 [N, S, S, 3]
+    labels: np.ndarray  # int64 [N]
+    class_names: list[str]
+    normalization: Normalization
+    source: str  # human-readable description (spec + split)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def image_size(self) -> int:
+        return self.pixels.shape[1]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """float32 [b, 3, S, S] normalised (C-contiguous), int64 labels [b]."""
+        x = self.pixels[indices].transpose(0, 3, 1, 2).astype(np.float32, order="C")
+        # (pixel - 255 mean) / (255 std): exact -1 and 1 at 0 and 255 for MINUS_ONE_TO_ONE
+        x -= (255 * np.asarray(self.normalization.mean, np.float32))[:, None, None]
+        x /= (255 * np.asarray(self.normalization.std, np.float32))[:, None, None]
+        return x, self.labels[indices]
+
+    def batches(
+        self, batch_size: int, order: np.ndarray
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Consecutive batches following `order`; last partial batch kept."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for start in range(0, len(order), batch_size):
+            yield self.batch(order[start : start + batch_size])
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """Data order of an epoch: np.random.default_rng([seed, epoch, 1]).permutation(n), or arange."""
+    if not shuffle:
+        return np.arange(n)
+    return np.random.default_rng([seed, epoch, 1]).permutation(n)
+
+
+def load_dataset(
+    spec: str,
+    split: str,
+    image_size: int,
+    normalization: Normalization,
+    per_class: int | None = None,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+) -> Dataset:
+    """Load split ``train`` or ``val`` of a data set, resized to ``image_size`` squared.
+
+    ``per_class`` keeps a seeded, stratified random subset of at most that many images per class
+    (chosen before any image is decoded or resized). Raises DataError for bad input.
+    """
+    if split not in ("train", "val"):
+        raise DataError(f"split must be 'train' or 'val', not {split!r}")
+    if image_size < 1:
+        raise DataError(f"image size must be >= 1, got {image_size}")
+    if per_class is not None and per_class < 1:
+        raise DataError(f"images per class must be >= 1, got {per_class}")
+    if not 0 < val_fraction < 1:
+        raise DataError(f"validation fraction must be in (0, 1), got {val_fraction}")
+
+    name, _, arg = spec.partition(":")
+    if name == "synthetic":
+        return _synthetic(spec, arg, split, image_size, normalization, per_class, seed)
+    source = _open(spec, split)
+    details = [split]
+    keep = np.arange(len(source.labels))
+    if source.holdout:
+        keep = _holdout(source.labels, len(source.class_names), split, seed, val_fraction)
+        details.append(f"{val_fraction:g} holdout")
+    if per_class is not None:
+        keep = _subset(source.labels, keep, len(source.class_names), per_class, seed)
+        details.append(f"{per_class} per class")
+    if len(details) > 1:
+        details.append(f"seed {seed}")
+    if keep.size == 0:
+        hint = " (a holdout needs at least 2 images in a class)" if source.holdout else ""
+        raise DataError(f"{source.description}: no images in split '{split}'{hint}")
+    return Dataset(
+        pixels=source.read(keep, image_size),
+        labels=source.labels[keep],
+        class_names=source.class_names,
+        normalization=normalization,
+        source=f"{source.description} ({', '.join(details)})",
+    )
+
+
+@dataclass
+class _Source:
+    """Labels of every image of a split; pixels are read only for the images kept."""
+
+    labels: np.ndarray  # int64 [N]
+    class_names: list[str]
+    read: Callable[[np.ndarray, int], np.ndarray]  # (indices, size) -> uint8 [n, S, S, 3]
+    holdout: bool  # True: no explicit val set, the split is a holdout of these images
+    description: str
+
+
+def _open(spec: str, split: str) -> _Source:
+    name, _, arg = spec.partition(":")
+    if name == "fashion-mnist":
+        directory = arg or os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR
+        return _open_fashion_mnist(Path(directory).expanduser(), split)
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".npz" and path.is_file():
+        return _open_npz(path, split)
+    if path.is_dir():
+        return _open_folder(path, split)
+    problem = "not a directory or .npz file" if path.exists() else "no such file or directory"
+    raise DataError(f"{spec}: {problem}; expected {SPEC_FORMS}")
+
+
+def _holdout(
+    labels: np.ndarray, num_classes: int, split: str, seed: int, val_fraction: float
+) -> np.ndarray:
+    """Sorted indices of a split: ``val_fraction`` of each class (at least 1 of 2+) is val."""
+    rng = np.random.default_rng([seed, _HOLDOUT_STREAM])
+    parts = []
+    for c in range(num_classes):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        n = len(members)
+        n_val = min(max(round(n * val_fraction), 1), n - 1) if n > 1 else 0
+        parts.append(members[:n_val] if split == "val" else members[n_val:])
+    return np.sort(np.concatenate(parts))
+
+
+def _subset(
+    labels: np.ndarray, candidates: np.ndarray, num_classes: int, per_class: int, seed: int
+) -> np.ndarray:
+    """Sorted seeded random subset of ``candidates`` with at most ``per_class`` per class."""
+    rng = np.random.default_rng([seed, _SUBSET_STREAM])
+    parts = [
+        rng.permutation(candidates[labels[candidates] == c])[:per_class] for c in range(num_classes)
+    ]
+    return np.sort(np.concatenate(parts))
+
+
+def _stack(images: Iterable[np.ndarray], n: int, size: int) -> np.ndarray:
+    """uint8 [n, size, size, 3] from n images of [size, size, 1 or 3]."""
+    out = np.empty((n, size, size, 3), np.uint8)
+    for i, image in enumerate(images):
+        out[i] = image  # grey broadcasts to 3 channels
+    return out
+
+
+def _fit(image: Image.Image, size: int) -> np.ndarray:
+    """Bilinear resize to size x size; [S, S, 3] for RGB, [S, S, 1] for grey."""
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.BILINEAR)
+    pixels = np.asarray(image)
+    return pixels[..., None] if pixels.ndim == 2 else pixels
+
+
+def _fit_arrays(images: np.ndarray, size: int) -> np.ndarray:
+    """uint8 [n, H, W, 1 or 3] -> uint8 [n, size, size, 3]."""
+    grey = images.shape[-1] == 1
+    pil = (Image.fromarray(image[..., 0] if grey else image) for image in images)
+    return _stack((_fit(image, size) for image in pil), len(images), size)
+
+
+# Fashion-MNIST (IDX files)
+
+
+def _open_fashion_mnist(directory: Path, split: str) -> _Source:
+    if not directory.is_dir():
+        raise DataError(
+            f"{directory}: no such directory; install the Debian package dataset-fashion-mnist, "
+            f"pass fashion-mnist:DIR or set {FASHION_MNIST_ENV}"
+        )
+    prefix = "train" if split == "train" else "t10k"
+    labels_path = _idx_file(directory, f"{prefix}-labels-idx1-ubyte")
+    images_path = _idx_file(directory, f"{prefix}-images-idx3-ubyte")
+    labels = _read_idx(labels_path, 1).astype(np.int64)
+    if labels.size and labels.max() >= len(FASHION_MNIST_CLASSES):
+        raise DataError(f"{labels_path}: label {labels.max()} out of range [0, 10)")
+
+    def read(indices: np.ndarray, size: int) -> np.ndarray:
+        images = _read_idx(images_path, 3)
+        if len(images) != len(labels):
+            raise DataError(
+                f"{images_path}: {len(images)} images but {labels_path.name} "
+                f"has {len(labels)} labels"
+            )
+        return _fit_arrays(images[indices][..., None], size)
+
+    return _Source(labels, list(FASHION_MNIST_CLASSES), read, False, f"fashion-mnist {directory}")
+
+
+def _idx_file(directory: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if (directory / name).is_file():
+            return directory / name
+    raise DataError(f"{directory}: missing {stem}.gz (or {stem})")
+
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """An IDX array of unsigned bytes with ``ndim`` dimensions (gzipped if ``.gz``)."""
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: cannot read IDX file, truncated or corrupt ({e})") from e
+    header = 4 + 4 * ndim
+    if len(raw) < header or int.from_bytes(raw[:4], "big") != 0x800 | ndim:
+        raise DataError(f"{path}: not an IDX file of {ndim}-D unsigned bytes (bad magic number)")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    if len(raw) - header != math.prod(shape):
+        raise DataError(
+            f"{path}: truncated or corrupt IDX file (shape {shape} needs {math.prod(shape)} "
+            f"bytes of data, found {len(raw) - header})"
+        )
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
+
+
+# Image folders
+
+
+def _open_folder(root: Path, split: str) -> _Source:
+    val_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    explicit = (root / "train").is_dir() and val_dir is not None
+    class_root = root / "train" if explicit else root
+    class_names = [d.name for d in _class_dirs(class_root)]
+    split_root = val_dir if explicit and split == "val" else class_root
+    files: list[Path] = []
+    labels: list[int] = []
+    for class_dir in _class_dirs(split_root):
+        if class_dir.name not in class_names:
+            raise DataError(f"{class_dir}: class folder not in {class_root}")
+        images = _image_files(class_dir)
+        files += images
+        labels += [class_names.index(class_dir.name)] * len(images)
+
+    def read(indices: np.ndarray, size: int) -> np.ndarray:
+        return _stack((_read_image(files[i], size) for i in indices), len(indices), size)
+
+    return _Source(np.array(labels, np.int64), class_names, read, not explicit, str(root))
+
+
+def _class_dirs(root: Path) -> list[Path]:
+    dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not dirs:
+        raise DataError(f"{root}: no class folders (expected one sub-folder of images per class)")
+    return dirs
+
+
+def _image_files(class_dir: Path) -> list[Path]:
+    files = sorted(
+        p
+        for p in class_dir.iterdir()
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    )
+    if not files:
+        raise DataError(f"{class_dir}: empty class folder (no JPEG/PNG images)")
+    return files
+
+
+def _read_image(path: Path, size: int) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale >= size
+            return _fit(ImageOps.exif_transpose(image).convert("RGB"), size)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: cannot read image (corrupt or not an image)") from e
+
+
+# .npz arrays
+
+
+def _open_npz(path: Path, split: str) -> _Source:
+    arrays = _load_npz(path, split)
+    x_key = "x_val" if "x_val" in arrays else "x"
+    x = _npz_images(arrays[x_key], path, x_key)
+    label_keys = [k for k in ("y", "y_val") if k in arrays]
+    for key in label_keys:
+        _check_labels(arrays[key], path, key)
+    y_key = "y_val" if x_key == "x_val" else "y"
+    y = arrays[y_key]
+    if len(x) != len(y):
+        raise DataError(f"{path}: len({x_key}) = {len(x)} but len({y_key}) = {len(y)}")
+    if "class_names" in arrays:
+        class_names = _npz_class_names(arrays["class_names"], path)
+        for key in label_keys:
+            if arrays[key].size and arrays[key].max() >= len(class_names):
+                raise DataError(
+                    f"{path}: label {arrays[key].max()} in '{key}' out of range "
+                    f"[0, {len(class_names)}) for {len(class_names)} class_names"
+                )
+    else:
+        top = max((int(arrays[k].max()) for k in label_keys if arrays[k].size), default=0)
+        class_names = [str(c) for c in range(top + 1)]
+
+    def read(indices: np.ndarray, size: int) -> np.ndarray:
+        images = x[indices]
+        if images.dtype != np.uint8:
+            images = np.rint(images * 255).astype(np.uint8)
+        return _fit_arrays(images, size)
+
+    return _Source(y.astype(np.int64), class_names, read, "y_val" not in arrays, str(path))
+
+
+def _load_npz(path: Path, split: str) -> dict[str, np.ndarray]:
+    """The arrays a split needs: its images (``x`` or ``x_val``), labels and class names."""
+    try:
+        npz = np.load(path, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise DataError(f"{path}: not an .npz archive (save it with numpy.savez)")
+        with npz:
+            found = set(npz.files)
+            missing = [k for k in ("x", "y") if k not in found]
+            if ("x_val" in found) != ("y_val" in found):
+                missing.append("y_val" if "x_val" in found else "x_val")
+            if missing:
+                raise DataError(
+                    f"{path}: missing array(s) {', '.join(missing)} (found: "
+                    f"{', '.join(sorted(found)) or 'none'}; expected x, y and optional "
+                    "class_names, x_val, y_val)"
+                )
+            x_key = "x_val" if split == "val" and "x_val" in found else "x"
+            keys = [x_key, "y", "y_val", "class_names"]
+            return {k: npz[k] for k in keys if k in found}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise DataError(f"{path}: cannot read .npz file ({e})") from e
+
+
+def _npz_images(x: np.ndarray, path: Path, key: str) -> np.ndarray:
+    """[N, H, W, C] view of ``x`` (uint8, or float checked to be in [0, 1])."""
+    shape = x.shape
+    if x.ndim == 3:
+        x = x[..., None]
+    elif x.ndim == 4 and x.shape[-1] not in (1, 3) and x.shape[1] in (1, 3):
+        x = x.transpose(0, 2, 3, 1)
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise DataError(
+            f"{path}: '{key}' has shape {shape}; expected [N, H, W], [N, H, W, C] "
+            "or [N, C, H, W] with C = 1 or 3"
+        )
+    if x.dtype == np.uint8:
+        return x
+    if x.dtype.kind != "f":
+        raise DataError(f"{path}: '{key}' has dtype {x.dtype}; expected uint8, or float in [0, 1]")
+    if x.size and not (np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
+        raise DataError(f"{path}: '{key}' is float with values outside [0, 1]")
+    return x
+
+
+def _check_labels(y: np.ndarray, path: Path, key: str) -> None:
+    if y.ndim != 1:
+        raise DataError(f"{path}: '{key}' has shape {y.shape}; expected one label per image")
+    whole = y.dtype.kind == "f" and np.isfinite(y).all() and (y == np.round(y)).all()
+    if y.dtype.kind not in "iu" and not whole:
+        raise DataError(f"{path}: '{key}' must hold integer class labels (dtype {y.dtype})")
+    if y.size and y.min() < 0:
+        raise DataError(f"{path}: '{key}' has a negative label ({y.min()})")
+
+
+def _npz_class_names(names: np.ndarray, path: Path) -> list[str]:
+    if names.ndim != 1 or names.dtype.kind not in "US" or names.size == 0:
+        raise DataError(f"{path}: 'class_names' must be a non-empty 1-D array of strings")
+    return names.astype(str).tolist()
+
+
+# Synthetic
+
+
+def _synthetic(
+    spec: str,
+    arg: str,
+    split: str,
+    size: int,
+    normalization: Normalization,
+    per_class: int | None,
+    seed: int,
+) -> Dataset:
+    """K classes of stripes: class c has hue c/K and stripe angle pi c/K; phase and noise vary."""
+    if arg and not (arg.isdigit() and int(arg) >= 1):
+        raise DataError(f"{spec}: K must be a positive integer (e.g. synthetic:4)")
+    num_classes = int(arg) if arg else 4
+    n = SYNTHETIC_PER_CLASS if per_class is None else per_class
+    rng = np.random.default_rng([seed, _SYNTHETIC_STREAM, 0 if split == "train" else 1])
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    pixels = np.empty((num_classes * n, size, size, 3), np.uint8)
+    for c in range(num_classes):
+        angle = np.pi * c / num_classes
+        colour = np.array(colorsys.hsv_to_rgb(c / num_classes, 0.7, 0.9), np.float32)
+        phase = rng.uniform(0, 2 * np.pi, (n, 1, 1)).astype(np.float32)
+        wave = np.sin(2 * np.pi * 3 * (xx * np.cos(angle) + yy * np.sin(angle)) + phase)
+        noise = rng.standard_normal((n, size, size, 3), dtype=np.float32) * 0.08
+        image = colour * (0.6 + 0.3 * wave[..., None]) + noise
+        pixels[c * n : (c + 1) * n] = np.clip(np.rint(image * 255), 0, 255)
+    return Dataset(
+        pixels=pixels,
+        labels=np.repeat(np.arange(num_classes, dtype=np.int64), n),
+        class_names=[f"class{c}" for c in range(num_classes)],
+        normalization=normalization,
+        source=f"synthetic:{num_classes} ({split}, {n} per class, seed {seed})",
+    )

@@ -1,0 +1,31 @@
+"""The interface every training engine implements (torch masked, torch sparse, ONNX Runtime)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .selection import Selection
+
+
+class Engine(Protocol):
+    """Trains a model's selected input channels with plain SGD; knows nothing of the schedule."""
+
+    name: str
+
+    def set_selection(self, selection: Selection) -> None:
+        """Channels whose weights may change until the next call (the classifier always)."""
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, int]:
+        """One SGD step on a batch; returns (mean loss, correct predictions)."""
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Logits for a batch, no gradient."""
+
+    def save_state(self, directory: Path) -> None:
+        """Write the weights that can change (for checkpoints)."""
+
+    def load_state(self, directory: Path) -> None:
+        """Restore what ``save_state`` wrote."""

@@ -1,0 +1,84 @@
+"""PyTorch masked-gradient engine: full backward, then unselected gradient entries zeroed.
+
+This is what the paper simulated: it saves no memory (every trainable layer keeps its whole
+input and computes its whole weight gradient) but is the reference the other engines match.
+The model runs in ``eval()`` mode: BatchNorm statistics and affine frozen, no dropout.
+Only Conv2d/Linear weights are trained (and the classifier's bias); plain SGD.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import LayerCost
+from .masks import channel_mask
+from .selection import Selection
+
+GradObserver = Callable[[dict[str, torch.Tensor]], None]
+WEIGHTS_FILE = "weights.pt"
+
+
+class TorchMaskedEngine:
+    name = "torch-masked"
+
+    def __init__(self, model: nn.Module, layers: list[LayerCost], classifier: str) -> None:
+        self.model = model.eval()
+        self.layers = {layer.name: layer for layer in layers}
+        self.classifier = classifier
+        self.masks: dict[str, torch.Tensor] = {}
+        self.params: dict[str, nn.Parameter] = {}
+        self.grad_observer: GradObserver | None = None
+        for param in model.parameters():
+            param.requires_grad_(False)
+
+    def set_selection(self, selection: Selection) -> None:
+        for param in self.params.values():
+            param.requires_grad_(False)
+        head = self.model.get_submodule(self.classifier)
+        self.params = {self.classifier: head.weight}
+        if head.bias is not None:
+            self.params[self.classifier + ".bias"] = head.bias
+        self.masks = {}
+        for name, channels in selection.channels.items():
+            layer = self.layers[name]
+            self.params[name] = self.model.get_submodule(name).weight
+            if len(channels) < layer.in_channels:
+                self.masks[name] = torch.from_numpy(channel_mask(layer, channels))
+        for param in self.params.values():
+            param.requires_grad_(True)
+
+    def gradients(
+        self, x: np.ndarray, y: np.ndarray
+    ) -> tuple[float, torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss, logits and the unmasked gradients of the trainable weights for one batch."""
+        logits = self.model(torch.from_numpy(x))
+        loss = F.cross_entropy(logits, torch.from_numpy(y))
+        grads = torch.autograd.grad(loss, list(self.params.values()))
+        return float(loss.detach()), logits.detach(), dict(zip(self.params, grads, strict=True))
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, int]:
+        loss, logits, grads = self.gradients(x, y)
+        if self.grad_observer is not None:
+            self.grad_observer(grads)
+        with torch.no_grad():
+            for name, grad in grads.items():
+                if name in self.masks:
+                    grad = grad * self.masks[name]
+                self.params[name].add_(grad, alpha=-lr)
+        return loss, int((logits.argmax(1) == torch.from_numpy(y)).sum())
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return self.model(torch.from_numpy(x)).numpy()
+
+    def save_state(self, directory: Path) -> None:
+        torch.save(self.model.state_dict(), directory / WEIGHTS_FILE)
+
+    def load_state(self, directory: Path) -> None:
+        self.model.load_state_dict(torch.load(directory / WEIGHTS_FILE, weights_only=True))

@@ -1,0 +1,233 @@
+"""Workstation fine-tuning: build the model and data, resolve the budget, pick candidate layers,
+and run the training loop with the chosen engine."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .budget import Budget, parse_budget
+from .cost_trace import trace_layers
+from .data import Dataset, epoch_order, load_dataset
+from .engine_torch import TorchMaskedEngine
+from .errors import EdgeTradyError
+from .layers import LayerCost, channel_costs, full_units
+from .loop import TrainConfig, evaluate, train
+from .memwatch import peak_rss_bytes
+from .models import BuiltModel, build_model, model_normalization
+from .progress import Progress
+from .ranking import DEFAULT_THRESHOLD, Ranking, build_ranking
+from .rgn import channel_rgn, layer_lara
+from .selection import CandidateLayer, ChannelSampler, Selection, candidate_names, method_spec
+
+ENGINES = ("torch-masked", "torch-sparse", "ort")
+
+
+@dataclass
+class FinetuneSpec:
+    """Everything that defines a fine-tuning run (what ``finetune`` options and plans carry)."""
+
+    model: str
+    data: str
+    image_size: int = 64
+    per_class: int | None = None
+    val_data: str | None = None
+    val_per_class: int | None = None
+    method: str = "trady"
+    budget: str = "2%"
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 0.125
+    warmup_epochs: int | None = None
+    seed: int = 0
+    overflow: str = "skip"
+    ranking: str | None = None  # path to ranking.json; computed when needed and absent
+    rank_epochs: int = 1
+    threshold: float = DEFAULT_THRESHOLD
+    top_k: list[str] | None = None  # explicit candidate layers (from a plan)
+    engine: str = "torch-masked"
+    score_batches: int = 4  # batches used to score channels for the RGN oracles
+    checkpoint_every: int = 0
+
+
+@dataclass
+class Prepared:
+    """A spec turned into objects: model, layers, data, budget."""
+
+    built: BuiltModel
+    layers: list[LayerCost]
+    train: Dataset
+    val: Dataset
+    budget: Budget  # resolved: units or bytes
+    full_units: int
+
+    @property
+    def candidates(self) -> list[LayerCost]:
+        return [layer for layer in self.layers if layer.name != self.built.classifier]
+
+
+def prepare(spec: FinetuneSpec) -> Prepared:
+    train_data = load_dataset(spec.data, "train", spec.image_size, model_normalization(spec.model),
+                              spec.per_class, spec.seed)  # fmt: skip
+    val_spec = spec.val_data or spec.data
+    val_per_class = spec.val_per_class if spec.val_per_class is not None else spec.per_class
+    val_data = load_dataset(val_spec, "val", spec.image_size, train_data.normalization,
+                            val_per_class, spec.seed)  # fmt: skip
+    if val_data.num_classes != train_data.num_classes:
+        raise EdgeTradyError(
+            f"validation data has {val_data.num_classes} classes, training data "
+            f"{train_data.num_classes} ({val_spec})"
+        )
+    built = build_model(spec.model, train_data.num_classes, spec.image_size, spec.seed)
+    layers = trace_layers(built.module, spec.image_size)
+    total = full_units(layers)
+    budget = parse_budget(spec.budget).resolve(total)
+    return Prepared(built, layers, train_data, val_data, budget, total)
+
+
+def make_sampler(prep: Prepared, spec: FinetuneSpec, top_k: list[str] | None) -> ChannelSampler:
+    names = candidate_names(spec.method, [c.name for c in prep.candidates], top_k)
+    by_name = {layer.name: layer for layer in prep.layers}
+    pool = [
+        CandidateLayer(n, by_name[n].in_channels,
+                       channel_costs(by_name[n], prep.budget.unit, spec.batch_size))
+        for n in names
+    ]  # fmt: skip
+    return ChannelSampler(spec.method, pool, prep.budget.amount, spec.seed, spec.overflow)
+
+
+def compute_ranking(
+    prep: Prepared, spec: FinetuneSpec, progress: Progress, score: str = "rgn"
+) -> Ranking:
+    """Fine-tune every layer with full gradients for ``spec.rank_epochs``; rank by RGN."""
+    engine = TorchMaskedEngine(prep.built.module, prep.layers, prep.built.classifier)
+    by_name = {layer.name: layer for layer in prep.candidates}
+    rgn = dict.fromkeys(by_name, 0.0)
+    lara = dict.fromkeys(by_name, 0.0)
+
+    def observe(grads: dict[str, torch.Tensor]) -> None:
+        for name, grad in grads.items():
+            if name in by_name:
+                rgn[name] += float(channel_rgn(by_name[name], grad).sum())
+                lara[name] += layer_lara(by_name[name], grad)
+
+    engine.grad_observer = observe
+    sampler = ChannelSampler("full", [CandidateLayer(n, c.in_channels, 0.0) for n, c in by_name.items()],
+                             None, spec.seed)  # fmt: skip
+    config = TrainConfig(spec.rank_epochs, spec.batch_size, spec.lr, 0, spec.seed)
+    initial = {k: v.clone() for k, v in prep.built.module.state_dict().items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        train(engine, sampler, prep.train, None, config, Path(tmp), progress)
+    prep.built.module.load_state_dict(initial)  # ranking must not change the model we fine-tune
+    source = {"data": spec.data, "per_class": spec.per_class, "epochs": spec.rank_epochs,
+              "batch_size": spec.batch_size, "lr": spec.lr, "seed": spec.seed}  # fmt: skip
+    return build_ranking(spec.model, spec.image_size, rgn, lara, spec.threshold, score, source)
+
+
+def rgn_score_fn(
+    engine: TorchMaskedEngine, prep: Prepared, sampler: ChannelSampler, spec: FinetuneSpec
+):
+    """Per-channel RGN on a few batches with the current weights (the D/S-Det RGN oracle)."""
+    by_name = {layer.name: layer for layer in prep.layers}
+    every = {c.name: np.arange(c.channels) for c in sampler.layers}
+
+    def score(epoch: int) -> dict[str, np.ndarray]:
+        engine.set_selection(Selection(epoch, every, 0.0))
+        totals = {name: torch.zeros(by_name[name].in_channels) for name in every}
+        order = epoch_order(len(prep.train), spec.seed + 1, epoch)
+        for i, (x, y) in enumerate(prep.train.batches(spec.batch_size, order)):
+            if i >= spec.score_batches:
+                break
+            _, _, grads = engine.gradients(x, y)
+            for name in every:
+                totals[name] += channel_rgn(by_name[name], grads[name])
+        return {name: t.numpy() for name, t in totals.items()}
+
+    return score
+
+
+def make_engine(prep: Prepared, spec: FinetuneSpec, out_dir: Path, trainable: list[str]):
+    if spec.engine == "torch-masked":
+        return TorchMaskedEngine(prep.built.module, prep.layers, prep.built.classifier)
+    if spec.engine == "torch-sparse":
+        from .engine_sparse import TorchSparseEngine
+
+        return TorchSparseEngine(prep.built.module, prep.layers, prep.built.classifier)
+    if spec.engine == "ort":
+        from .engine_ort import OrtEngine
+        from .ort_export import export_training_artifact
+
+        artifact = out_dir / "artifact"
+        artifact.mkdir(parents=True, exist_ok=True)
+        layout = export_training_artifact(prep.built.module, prep.layers, trainable,
+                                          prep.built.classifier, spec.image_size, artifact)  # fmt: skip
+        return OrtEngine(artifact, layout, prep.layers)
+    raise EdgeTradyError(f"unknown engine {spec.engine!r}; choose from {', '.join(ENGINES)}")
+
+
+@dataclass
+class FinetuneResult:
+    spec: dict
+    full_units: int
+    budget: str
+    budget_amount: float
+    budget_unit: str
+    top_k: list[str] | None
+    initial_val_acc: float
+    final_val_acc: float | None
+    final_train_loss: float
+    peak_rss_bytes: int
+    seconds: float
+    epochs: list[dict] = field(default_factory=list)
+
+
+def run_finetune(
+    spec: FinetuneSpec, out_dir: Path, progress: Progress, resume: bool = False
+) -> FinetuneResult:
+    started = time.monotonic()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prep = prepare(spec)
+    top_k = spec.top_k
+    if top_k is None and method_spec(spec.method).pool == "topk":
+        if spec.ranking:
+            ranking = Ranking.load(Path(spec.ranking))
+        else:
+            progress.line(f"ranking layers ({spec.rank_epochs} epoch(s) of full fine-tuning)")
+            ranking = compute_ranking(prep, spec, progress)
+            ranking.save(out_dir / "ranking.json")
+        top_k = ranking.top_k(spec.threshold)
+    sampler = make_sampler(prep, spec, top_k)
+    engine = make_engine(prep, spec, out_dir, [layer.name for layer in sampler.layers])
+    initial_loss, initial_acc = evaluate(engine, prep.val, spec.batch_size)
+    progress.line(
+        f"{spec.model} on {prep.train.source}: {len(prep.train)} train / {len(prep.val)} val images, "
+        f"method {spec.method}, budget {prep.budget} ({len(sampler.layers)} candidate layers), "
+        f"engine {spec.engine}; val_acc before {initial_acc:.4f}"
+    )
+    config = TrainConfig(spec.epochs, spec.batch_size, spec.lr, spec.warmup_epochs, spec.seed,
+                         spec.checkpoint_every, prep.budget.unit)  # fmt: skip
+    score_fn = rgn_score_fn(engine, prep, sampler, spec) if sampler.needs_scores else None
+    if sampler.needs_scores and not isinstance(engine, TorchMaskedEngine):
+        raise EdgeTradyError(f"method {spec.method!r} (an RGN oracle) needs --engine torch-masked")
+    epochs = train(
+        engine, sampler, prep.train, prep.val, config, out_dir, progress, score_fn, resume
+    )
+    if spec.engine == "ort":
+        engine.export_inference(out_dir / "model.onnx")
+    else:
+        torch.save(prep.built.module.state_dict(), out_dir / "model.pt")
+    result = FinetuneResult(
+        spec=asdict(spec), full_units=prep.full_units, budget=spec.budget,
+        budget_amount=prep.budget.amount, budget_unit=prep.budget.unit, top_k=top_k,
+        initial_val_acc=initial_acc, final_val_acc=epochs[-1]["val_acc"],
+        final_train_loss=epochs[-1]["train_loss"], peak_rss_bytes=peak_rss_bytes(),
+        seconds=time.monotonic() - started, epochs=epochs,
+    )  # fmt: skip
+    (out_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    return result

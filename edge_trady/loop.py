@@ -1,0 +1,183 @@
+"""The engine-agnostic training loop: sample channels each epoch, train, evaluate, log,
+checkpoint. No torch here: the device runner uses it with the ONNX Runtime engine."""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import LoopState, load_checkpoint, save_checkpoint
+from .data import Dataset, epoch_order
+from .engine import Engine
+from .errors import EdgeTradyError
+from .memwatch import peak_rss_bytes
+from .progress import Progress
+from .runlog import EpochMetrics, RunLog, read_jsonl
+from .schedule import make_schedule
+from .selection import ChannelSampler, Selection
+
+ScoreFn = Callable[[int], dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int
+    batch_size: int = 32
+    lr: float = 0.125
+    warmup_epochs: int | None = None  # None: schedule.default_warmup_epochs
+    seed: int = 0
+    checkpoint_every: int = 0  # also checkpoint every N steps (0: only at epoch ends)
+    budget_unit: str = "units"  # unit of the sampler's budget and costs: "units" or "bytes"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise EdgeTradyError("epochs and batch size must be >= 1 and the learning rate > 0")
+
+
+class Stopped(EdgeTradyError):
+    """Training stopped by a signal after saving a checkpoint."""
+
+    exit_code = 130
+
+
+def evaluate(engine: Engine, data: Dataset, batch_size: int) -> tuple[float, float]:
+    """Mean cross-entropy loss and accuracy of ``engine`` on ``data``."""
+    loss_sum, correct = 0.0, 0
+    for x, y in data.batches(batch_size, np.arange(len(data))):
+        logits = engine.predict(x).astype(np.float64)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        loss_sum += float(-log_probs[np.arange(len(y)), y].sum())
+        correct += int((logits.argmax(axis=1) == y).sum())
+    return loss_sum / len(data), correct / len(data)
+
+
+def train(
+    engine: Engine,
+    sampler: ChannelSampler,
+    train_data: Dataset,
+    val_data: Dataset | None,
+    config: TrainConfig,
+    run_dir: Path,
+    progress: Progress,
+    score_fn: ScoreFn | None = None,
+    resume: bool = False,
+) -> list[dict]:
+    """Train for ``config.epochs``; returns every epoch's metrics (as logged)."""
+    steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
+    schedule = make_schedule(config.lr, config.epochs, steps_per_epoch, config.warmup_epochs)
+    log = RunLog(run_dir, resume=resume)
+    state = LoopState()
+    if resume:
+        state = load_checkpoint(run_dir, engine)
+        sampler.load_state(state.sampler)
+        log.truncate_to(state.epoch)
+        progress.line(f"resuming at epoch {state.epoch + 1}, step {state.step_in_epoch}")
+    with _stop_on_signals() as stop_requested:
+        for epoch in range(state.epoch, config.epochs):
+            selection = _epoch_selection(sampler, state, epoch, score_fn)
+            engine.set_selection(selection)
+            started = time.monotonic() - state.elapsed_s
+            order = epoch_order(len(train_data), config.seed, epoch)
+            batches = train_data.batches(config.batch_size, order)
+            lr = schedule.lr(epoch * steps_per_epoch)
+            for step, (x, y) in _skip(batches, state.step_in_epoch):
+                lr = schedule.lr(epoch * steps_per_epoch + step)
+                loss, correct = engine.train_step(x, y, lr)
+                state.loss_sum += loss * len(y)
+                state.correct += correct
+                state.seen += len(y)
+                state.step_in_epoch = step + 1
+                progress.step(f"epoch {epoch + 1}/{config.epochs}", step + 1, steps_per_epoch, loss)
+                every = config.checkpoint_every
+                if stop_requested() or (
+                    every and (step + 1) % every == 0 and step + 1 < steps_per_epoch
+                ):
+                    state.elapsed_s = time.monotonic() - started
+                    save_checkpoint(run_dir, engine, state)
+                    if stop_requested():
+                        raise Stopped(f"stopped by signal; resume with --resume ({run_dir})")
+            val_loss, val_acc = (
+                evaluate(engine, val_data, config.batch_size) if val_data else (None, None)
+            )
+            metrics = EpochMetrics(
+                epoch=epoch + 1,
+                train_loss=state.loss_sum / max(1, state.seen),
+                train_acc=state.correct / max(1, state.seen),
+                val_loss=val_loss,
+                val_acc=val_acc,
+                lr=lr,
+                time_s=time.monotonic() - started,
+                images=state.seen,
+                units_used=selection.cost,
+                budget_units=sampler.budget,
+                budget_unit=config.budget_unit,
+                channels_selected=selection.channel_count,
+                channels_per_layer=selection.counts(),
+                engine=engine.name,
+                peak_rss_bytes=peak_rss_bytes(),
+            )
+            log.write(metrics, selection)
+            progress.line(_summary(metrics, config.epochs))
+            state = LoopState(epoch=epoch + 1, sampler=sampler.state())
+            save_checkpoint(run_dir, engine, state)
+    return read_jsonl(log.metrics_path)
+
+
+def _epoch_selection(
+    sampler: ChannelSampler, state: LoopState, epoch: int, score_fn: ScoreFn | None
+) -> Selection:
+    if state.selection is not None and state.step_in_epoch > 0:
+        return Selection.from_json(state.selection)
+    scores = score_fn(epoch) if sampler.needs_scores and score_fn is not None else None
+    if sampler.needs_scores and scores is None and (sampler.dynamic or sampler.state() is None):
+        raise EdgeTradyError(
+            f"method {sampler.method!r} needs gradient scores this engine cannot give"
+        )
+    selection = sampler.select(epoch, scores)
+    state.selection = selection.to_json()
+    state.sampler = sampler.state()
+    return selection
+
+
+def _skip(batches: Iterator, start: int) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray]]]:
+    for step, batch in enumerate(batches):
+        if step >= start:
+            yield step, batch
+
+
+def _summary(m: EpochMetrics, epochs: int) -> str:
+    val = f" val_acc {m.val_acc:.4f}" if m.val_acc is not None else ""
+    return (
+        f"epoch {m.epoch}/{epochs} loss {m.train_loss:.4f} train_acc {m.train_acc:.4f}{val} "
+        f"lr {m.lr:.4g} channels {m.channels_selected} cost {m.units_used:,.0f} "
+        f"{m.time_s:.1f}s"
+    )
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[Callable[[], bool]]:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint and stops at the next step."""
+    requested = {"stop": False}
+
+    def handler(signum: int, frame: object) -> None:
+        requested["stop"] = True
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for sig in previous:
+            signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = {}
+    try:
+        yield lambda: requested["stop"]
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

@@ -1,0 +1,84 @@
+"""Layer ranking (TraDy step 1): fine-tune with full gradients, accumulate each layer's RGN.
+
+``RGN_i = sum_steps sum_c ||dL/dW_i[:, c]|| / (Cw + Ca)``; the top-K set is the smallest prefix of
+layers (sorted by RGN) whose cumulative share reaches the threshold (97 % by default).
+LaRa (MeDyate) is recorded too: ``sum_steps ||dL/dW_i|| / sum_c (Cw + Ca)``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import EdgeTradyError
+
+DEFAULT_THRESHOLD = 0.97
+
+
+@dataclass
+class LayerScore:
+    name: str
+    rgn: float
+    lara: float
+    share: float
+    cumulative: float
+
+
+@dataclass
+class Ranking:
+    """Layers sorted by RGN (highest first), with the K that reaches ``threshold``."""
+
+    model: str
+    image_size: int
+    threshold: float
+    k: int
+    layers: list[LayerScore]
+    score: str = "rgn"
+    source: dict = field(default_factory=dict)  # how it was made (data, epochs, seed)
+
+    def top_k(self, threshold: float | None = None) -> list[str]:
+        """Names of the top-K layers for ``threshold`` (default: the ranking's own)."""
+        target = self.threshold if threshold is None else threshold
+        names = []
+        for layer in self.layers:
+            names.append(layer.name)
+            if layer.cumulative >= target - 1e-12:
+                break
+        return names
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> Ranking:
+        try:
+            data = json.loads(Path(path).read_text())
+            data["layers"] = [LayerScore(**layer) for layer in data["layers"]]
+            return cls(**data)
+        except FileNotFoundError:
+            raise EdgeTradyError(f"{path}: ranking file not found") from None
+        except (ValueError, TypeError, KeyError) as exc:
+            raise EdgeTradyError(
+                f"{path}: not a ranking.json written by 'edge-trady rank' ({exc})"
+            ) from exc
+
+
+def build_ranking(
+    model: str, image_size: int, rgn: dict[str, float], lara: dict[str, float],
+    threshold: float = DEFAULT_THRESHOLD, score: str = "rgn", source: dict | None = None,
+) -> Ranking:  # fmt: skip
+    """Sort layers by ``score`` ("rgn" or "lara") and compute shares and K."""
+    if not 0 < threshold <= 1:
+        raise EdgeTradyError(f"threshold must be in (0, 1], got {threshold}")
+    values = rgn if score == "rgn" else lara
+    total = sum(values.values()) or 1.0
+    cumulative = 0.0
+    scores = []
+    for name in sorted(values, key=lambda n: -values[n]):
+        share = values[name] / total
+        cumulative += share
+        scores.append(LayerScore(name, rgn[name], lara[name], share, min(1.0, cumulative)))
+    ranking = Ranking(model, image_size, threshold, 0, scores, score, source or {})
+    ranking.k = len(ranking.top_k())
+    return ranking

@@ -1,0 +1,28 @@
+"""Reweighted gradient norms (METHOD.md): per input channel and per layer."""
+
+from __future__ import annotations
+
+import torch
+
+from .layers import LayerCost
+
+
+def channel_grad_norms(layer: LayerCost, grad: torch.Tensor) -> torch.Tensor:
+    """``g_c = ||dL/dW[:, c]||_2`` for every input channel ``c`` of ``layer`` (shape ``[C]``)."""
+    if layer.kind == "linear":
+        return grad.pow(2).sum(0).sqrt()
+    squares = grad.pow(2).sum(dim=(2, 3))  # [C', C/g]
+    if layer.groups == 1:
+        return squares.sum(0).sqrt()
+    per_group = squares.reshape(layer.groups, layer.out_channels // layer.groups, -1).sum(1)
+    return per_group.reshape(-1).sqrt()  # channel index = group * (C/g) + j
+
+
+def channel_rgn(layer: LayerCost, grad: torch.Tensor) -> torch.Tensor:
+    """``RGN_c = g_c / (Cw + Ca)``."""
+    return channel_grad_norms(layer, grad) / layer.unit_cost
+
+
+def layer_lara(layer: LayerCost, grad: torch.Tensor) -> float:
+    """LaRa (MeDyate): ``||dL/dW||_2 / sum_c (Cw + Ca)``."""
+    return float(grad.norm()) / layer.total_units

@@ -1,0 +1,65 @@
+"""Run output shared by every engine: ``metrics.jsonl`` and ``selection.jsonl`` (one line/epoch)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .selection import Selection
+
+METRICS_FILE = "metrics.jsonl"
+SELECTION_FILE = "selection.jsonl"
+
+
+@dataclass
+class EpochMetrics:
+    """What every engine logs after each epoch."""
+
+    epoch: int
+    train_loss: float
+    train_acc: float
+    val_loss: float | None
+    val_acc: float | None
+    lr: float  # learning rate of the epoch's last step
+    time_s: float
+    images: int
+    units_used: float  # cost of the selected channels (budget unit: units or bytes)
+    budget_units: float | None
+    budget_unit: str
+    channels_selected: int
+    channels_per_layer: dict[str, int]
+    engine: str
+    peak_rss_bytes: int | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class RunLog:
+    """Appends epoch records to the files of a run directory (truncated on a fresh start)."""
+
+    def __init__(self, run_dir: Path, resume: bool = False) -> None:
+        self.metrics_path = run_dir / METRICS_FILE
+        self.selection_path = run_dir / SELECTION_FILE
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            self.metrics_path.write_text("")
+            self.selection_path.write_text("")
+
+    def write(self, metrics: EpochMetrics, selection: Selection) -> None:
+        _append(self.metrics_path, asdict(metrics))
+        _append(self.selection_path, selection.to_json())
+
+    def truncate_to(self, epochs: int) -> None:
+        """Keep the first ``epochs`` records (used on resume after a crash)."""
+        for path in (self.metrics_path, self.selection_path):
+            lines = path.read_text().splitlines()[:epochs] if path.exists() else []
+            path.write_text("".join(line + "\n" for line in lines))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _append(path: Path, record: dict) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
