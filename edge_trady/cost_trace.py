@@ -18,15 +18,14 @@ def trace_layers(model: nn.Module, image_size: int) -> list[LayerCost]:
     def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         name = names[module]
         if name in seen:
-            raise EdgeTradyError(f"layer {name!r} is called twice in one forward pass (shared "
-                                 "weights are not supported)")  # fmt: skip
+            raise EdgeTradyError(
+                f"layer {name!r} is called twice in one forward pass (shared weights are not supported)"
+            )
         seen[name] = _layer_cost(name, module, inputs[0], output)
         order.append(name)
 
     handles = [
-        m.register_forward_hook(hook)
-        for m in model.modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear))
+        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
     ]
     was_training = model.training
     try:
@@ -44,8 +43,7 @@ def _layer_cost(name: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor) 
     if isinstance(module, nn.Linear):
         if x.dim() != 2:
             raise EdgeTradyError(f"layer {name!r}: Linear on a {x.dim()}-D input is not supported")
-        return LayerCost(name, "linear", module.in_features, module.out_features, (1, 1), 1,
-                         (1, 1), (1, 1))  # fmt: skip
+        return LayerCost(name, "linear", module.in_features, module.out_features, (1, 1), 1, (1, 1), (1, 1))
     assert isinstance(module, nn.Conv2d)
     if module.groups == 1:
         kind = "conv"
@@ -54,6 +52,12 @@ def _layer_cost(name: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor) 
     else:
         kind = "gconv"
     return LayerCost(
-        name, kind, module.in_channels, module.out_channels, tuple(module.kernel_size),
-        module.groups, (x.shape[2], x.shape[3]), (y.shape[2], y.shape[3]),
-    )  # fmt: skip
+        name,
+        kind,
+        module.in_channels,
+        module.out_channels,
+        tuple(module.kernel_size),
+        module.groups,
+        (x.shape[2], x.shape[3]),
+        (y.shape[2], y.shape[3]),
+    )

@@ -53,9 +53,7 @@ class TorchMaskedEngine:
         for param in self.params.values():
             param.requires_grad_(True)
 
-    def gradients(
-        self, x: np.ndarray, y: np.ndarray
-    ) -> tuple[float, torch.Tensor, dict[str, torch.Tensor]]:
+    def gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[float, torch.Tensor, dict[str, torch.Tensor]]:
         """Loss, logits and the unmasked gradients of the trainable weights for one batch."""
         logits = self.model(torch.from_numpy(x))
         loss = F.cross_entropy(logits, torch.from_numpy(y))

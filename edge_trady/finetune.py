@@ -73,12 +73,14 @@ class Prepared:
 
 
 def prepare(spec: FinetuneSpec) -> Prepared:
-    train_data = load_dataset(spec.data, "train", spec.image_size, model_normalization(spec.model),
-                              spec.per_class, spec.seed)  # fmt: skip
+    train_data = load_dataset(
+        spec.data, "train", spec.image_size, model_normalization(spec.model), spec.per_class, spec.seed
+    )
     val_spec = spec.val_data or spec.data
     val_per_class = spec.val_per_class if spec.val_per_class is not None else spec.per_class
-    val_data = load_dataset(val_spec, "val", spec.image_size, train_data.normalization,
-                            val_per_class, spec.seed)  # fmt: skip
+    val_data = load_dataset(
+        val_spec, "val", spec.image_size, train_data.normalization, val_per_class, spec.seed
+    )
     if val_data.num_classes != train_data.num_classes:
         raise EdgeTradyError(
             f"validation data has {val_data.num_classes} classes, training data "
@@ -95,16 +97,15 @@ def make_sampler(prep: Prepared, spec: FinetuneSpec, top_k: list[str] | None) ->
     names = candidate_names(spec.method, [c.name for c in prep.candidates], top_k)
     by_name = {layer.name: layer for layer in prep.layers}
     pool = [
-        CandidateLayer(n, by_name[n].in_channels,
-                       channel_costs(by_name[n], prep.budget.unit, spec.batch_size))
+        CandidateLayer(
+            n, by_name[n].in_channels, channel_costs(by_name[n], prep.budget.unit, spec.batch_size)
+        )
         for n in names
-    ]  # fmt: skip
+    ]
     return ChannelSampler(spec.method, pool, prep.budget.amount, spec.seed, spec.overflow)
 
 
-def compute_ranking(
-    prep: Prepared, spec: FinetuneSpec, progress: Progress, score: str = "rgn"
-) -> Ranking:
+def compute_ranking(prep: Prepared, spec: FinetuneSpec, progress: Progress, score: str = "rgn") -> Ranking:
     """Fine-tune every layer with full gradients for ``spec.rank_epochs``; rank by RGN."""
     engine = TorchMaskedEngine(prep.built.module, prep.layers, prep.built.classifier)
     by_name = {layer.name: layer for layer in prep.candidates}
@@ -118,21 +119,26 @@ def compute_ranking(
                 lara[name] += layer_lara(by_name[name], grad)
 
     engine.grad_observer = observe
-    sampler = ChannelSampler("full", [CandidateLayer(n, c.in_channels, 0.0) for n, c in by_name.items()],
-                             None, spec.seed)  # fmt: skip
+    sampler = ChannelSampler(
+        "full", [CandidateLayer(n, c.in_channels, 0.0) for n, c in by_name.items()], None, spec.seed
+    )
     config = TrainConfig(spec.rank_epochs, spec.batch_size, spec.lr, 0, spec.seed)
     initial = {k: v.clone() for k, v in prep.built.module.state_dict().items()}
     with tempfile.TemporaryDirectory() as tmp:
         train(engine, sampler, prep.train, None, config, Path(tmp), progress)
     prep.built.module.load_state_dict(initial)  # ranking must not change the model we fine-tune
-    source = {"data": spec.data, "per_class": spec.per_class, "epochs": spec.rank_epochs,
-              "batch_size": spec.batch_size, "lr": spec.lr, "seed": spec.seed}  # fmt: skip
+    source = {
+        "data": spec.data,
+        "per_class": spec.per_class,
+        "epochs": spec.rank_epochs,
+        "batch_size": spec.batch_size,
+        "lr": spec.lr,
+        "seed": spec.seed,
+    }
     return build_ranking(spec.model, spec.image_size, rgn, lara, spec.threshold, score, source)
 
 
-def rgn_score_fn(
-    engine: TorchMaskedEngine, prep: Prepared, sampler: ChannelSampler, spec: FinetuneSpec
-):
+def rgn_score_fn(engine: TorchMaskedEngine, prep: Prepared, sampler: ChannelSampler, spec: FinetuneSpec):
     """Per-channel RGN on a few batches with the current weights (the D/S-Det RGN oracle)."""
     by_name = {layer.name: layer for layer in prep.layers}
     every = {c.name: np.arange(c.channels) for c in sampler.layers}
@@ -165,8 +171,9 @@ def make_engine(prep: Prepared, spec: FinetuneSpec, out_dir: Path, trainable: li
 
         artifact = out_dir / "artifact"
         artifact.mkdir(parents=True, exist_ok=True)
-        layout = export_training_artifact(prep.built.module, prep.layers, trainable,
-                                          prep.built.classifier, spec.image_size, artifact)  # fmt: skip
+        layout = export_training_artifact(
+            prep.built.module, prep.layers, trainable, prep.built.classifier, spec.image_size, artifact
+        )
         return OrtEngine(artifact, layout, prep.layers)
     raise EdgeTradyError(f"unknown engine {spec.engine!r}; choose from {', '.join(ENGINES)}")
 
@@ -210,24 +217,36 @@ def run_finetune(
         f"method {spec.method}, budget {prep.budget} ({len(sampler.layers)} candidate layers), "
         f"engine {spec.engine}; val_acc before {initial_acc:.4f}"
     )
-    config = TrainConfig(spec.epochs, spec.batch_size, spec.lr, spec.warmup_epochs, spec.seed,
-                         spec.checkpoint_every, prep.budget.unit)  # fmt: skip
+    config = TrainConfig(
+        spec.epochs,
+        spec.batch_size,
+        spec.lr,
+        spec.warmup_epochs,
+        spec.seed,
+        spec.checkpoint_every,
+        prep.budget.unit,
+    )
     score_fn = rgn_score_fn(engine, prep, sampler, spec) if sampler.needs_scores else None
     if sampler.needs_scores and not isinstance(engine, TorchMaskedEngine):
         raise EdgeTradyError(f"method {spec.method!r} (an RGN oracle) needs --engine torch-masked")
-    epochs = train(
-        engine, sampler, prep.train, prep.val, config, out_dir, progress, score_fn, resume
-    )
+    epochs = train(engine, sampler, prep.train, prep.val, config, out_dir, progress, score_fn, resume)
     if spec.engine == "ort":
         engine.export_inference(out_dir / "model.onnx")
     else:
         torch.save(prep.built.module.state_dict(), out_dir / "model.pt")
     result = FinetuneResult(
-        spec=asdict(spec), full_units=prep.full_units, budget=spec.budget,
-        budget_amount=prep.budget.amount, budget_unit=prep.budget.unit, top_k=top_k,
-        initial_val_acc=initial_acc, final_val_acc=epochs[-1]["val_acc"],
-        final_train_loss=epochs[-1]["train_loss"], peak_rss_bytes=peak_rss_bytes(),
-        seconds=time.monotonic() - started, epochs=epochs,
-    )  # fmt: skip
+        spec=asdict(spec),
+        full_units=prep.full_units,
+        budget=spec.budget,
+        budget_amount=prep.budget.amount,
+        budget_unit=prep.budget.unit,
+        top_k=top_k,
+        initial_val_acc=initial_acc,
+        final_val_acc=epochs[-1]["val_acc"],
+        final_train_loss=epochs[-1]["train_loss"],
+        peak_rss_bytes=peak_rss_bytes(),
+        seconds=time.monotonic() - started,
+        epochs=epochs,
+    )
     (out_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
     return result

@@ -97,16 +97,12 @@ def train(
                 state.step_in_epoch = step + 1
                 progress.step(f"epoch {epoch + 1}/{config.epochs}", step + 1, steps_per_epoch, loss)
                 every = config.checkpoint_every
-                if stop_requested() or (
-                    every and (step + 1) % every == 0 and step + 1 < steps_per_epoch
-                ):
+                if stop_requested() or (every and (step + 1) % every == 0 and step + 1 < steps_per_epoch):
                     state.elapsed_s = time.monotonic() - started
                     save_checkpoint(run_dir, engine, state)
                     if stop_requested():
                         raise Stopped(f"stopped by signal; resume with --resume ({run_dir})")
-            val_loss, val_acc = (
-                evaluate(engine, val_data, config.batch_size) if val_data else (None, None)
-            )
+            val_loss, val_acc = evaluate(engine, val_data, config.batch_size) if val_data else (None, None)
             metrics = EpochMetrics(
                 epoch=epoch + 1,
                 train_loss=state.loss_sum / max(1, state.seen),
@@ -138,9 +134,7 @@ def _epoch_selection(
         return Selection.from_json(state.selection)
     scores = score_fn(epoch) if sampler.needs_scores and score_fn is not None else None
     if sampler.needs_scores and scores is None and (sampler.dynamic or sampler.state() is None):
-        raise EdgeTradyError(
-            f"method {sampler.method!r} needs gradient scores this engine cannot give"
-        )
+        raise EdgeTradyError(f"method {sampler.method!r} needs gradient scores this engine cannot give")
     selection = sampler.select(epoch, scores)
     state.selection = selection.to_json()
     state.sampler = sampler.state()

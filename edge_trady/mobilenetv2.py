@@ -10,8 +10,15 @@ import torch
 from torch import nn
 
 # (expansion t, output channels c, repeats n, first stride s) from the paper, for 224 px input.
-_BLOCKS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
-           (6, 160, 3, 2), (6, 320, 1, 1)]  # fmt: skip
+_BLOCKS = [
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+]
 
 
 def _divisible(value: float, divisor: int = 8) -> int:

@@ -62,8 +62,9 @@ def build_model(ref: str, num_classes: int, image_size: int, seed: int = 0) -> B
             "or a factory 'path/to/file.py:fn' / 'package.module:fn'"
         )
     module.eval()
-    return BuiltModel(module, ref, num_classes, image_size, classifier_name(module),
-                      model_normalization(ref), pretrained)  # fmt: skip
+    return BuiltModel(
+        module, ref, num_classes, image_size, classifier_name(module), model_normalization(ref), pretrained
+    )
 
 
 def classifier_name(module: nn.Module) -> str:

@@ -59,15 +59,18 @@ class Ranking:
         except FileNotFoundError:
             raise EdgeTradyError(f"{path}: ranking file not found") from None
         except (ValueError, TypeError, KeyError) as exc:
-            raise EdgeTradyError(
-                f"{path}: not a ranking.json written by 'edge-trady rank' ({exc})"
-            ) from exc
+            raise EdgeTradyError(f"{path}: not a ranking.json written by 'edge-trady rank' ({exc})") from exc
 
 
 def build_ranking(
-    model: str, image_size: int, rgn: dict[str, float], lara: dict[str, float],
-    threshold: float = DEFAULT_THRESHOLD, score: str = "rgn", source: dict | None = None,
-) -> Ranking:  # fmt: skip
+    model: str,
+    image_size: int,
+    rgn: dict[str, float],
+    lara: dict[str, float],
+    threshold: float = DEFAULT_THRESHOLD,
+    score: str = "rgn",
+    source: dict | None = None,
+) -> Ranking:
     """Sort layers by ``score`` ("rgn" or "lara") and compute shares and K."""
     if not 0 < threshold <= 1:
         raise EdgeTradyError(f"threshold must be in (0, 1], got {threshold}")

@@ -87,9 +87,7 @@ class Selection:
         return cls(int(data["epoch"]), channels, float(data["cost"]))
 
 
-def candidate_names(
-    method: str, all_layers: Sequence[str], top_k: Sequence[str] | None
-) -> list[str]:
+def candidate_names(method: str, all_layers: Sequence[str], top_k: Sequence[str] | None) -> list[str]:
     """Names of the layers ``method`` draws from, in network order."""
     spec = method_spec(method)
     if spec.pool == "none":

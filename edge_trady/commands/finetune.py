@@ -39,11 +39,17 @@ from .options import data_options, model_options, selection_options, training_op
     "summary.json, checkpoints/.",
 )
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
-@click.option("--checkpoint-every", type=click.IntRange(0), default=0, show_default=True,
-              help="Also checkpoint every N steps (0: at epoch ends only).")  # fmt: skip
+@click.option(
+    "--checkpoint-every",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Also checkpoint every N steps (0: at epoch ends only).",
+)
 @click.pass_context
-def command(ctx: click.Context, plan_path: str | None, out_dir: str, resume: bool, quiet: bool,
-            **options) -> None:  # fmt: skip
+def command(
+    ctx: click.Context, plan_path: str | None, out_dir: str, resume: bool, quiet: bool, **options
+) -> None:
     """Fine-tune a model with TraDy or a baseline, training only the selected input channels.
 
     The model runs with frozen BatchNorm and no dropout; plain SGD with a cosine schedule. Every
@@ -66,6 +72,8 @@ def command(ctx: click.Context, plan_path: str | None, out_dir: str, resume: boo
     result = run_finetune(FinetuneSpec(**fields), Path(out_dir), Progress(quiet), resume)
     if not quiet:
         acc = f"{result.final_val_acc:.4f}" if result.final_val_acc is not None else "n/a"
-        click.echo(f"val_acc {result.initial_val_acc:.4f} -> {acc}; peak RSS "
-                   f"{result.peak_rss_bytes / 2**20:.0f} MiB; {result.seconds:.0f}s; "
-                   f"written to {out_dir}")  # fmt: skip
+        click.echo(
+            f"val_acc {result.initial_val_acc:.4f} -> {acc}; peak RSS "
+            f"{result.peak_rss_bytes / 2**20:.0f} MiB; {result.seconds:.0f}s; "
+            f"written to {out_dir}"
+        )

@@ -12,8 +12,13 @@ from .options import model_options
 @click.command("inspect")
 @model_options
 @click.option("--num-classes", type=click.IntRange(1), default=10, show_default=True)
-@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True,
-              help="Batch size for the bytes column (activations scale with it).")  # fmt: skip
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1),
+    default=32,
+    show_default=True,
+    help="Batch size for the bytes column (activations scale with it).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 def command(model: str, image_size: int, num_classes: int, batch_size: int, as_json: bool) -> None:
     """Print every Conv2d/Linear layer with its per-input-channel costs (METHOD.md).
@@ -30,11 +35,14 @@ def command(model: str, image_size: int, num_classes: int, batch_size: int, as_j
     built = build_model(model, num_classes, image_size)
     layers = trace_layers(built.module, image_size)
     if as_json:
-        click.echo(json.dumps([layer.to_dict() | {"unit_cost": layer.unit_cost} for layer in layers],
-                              indent=1))  # fmt: skip
+        click.echo(
+            json.dumps([layer.to_dict() | {"unit_cost": layer.unit_cost} for layer in layers], indent=1)
+        )
         return
-    header = (f"{'#':>3} {'layer':<34} {'type':<6} {'weight shape':<18} {'C_in':>5} {'in HxW':>8} "
-              f"{'Cw':>6} {'Ca':>6} {'unit':>7} {'bytes/ch':>10} {'total units':>12} {'wgrad MAC/ch':>12}")  # fmt: skip
+    header = (
+        f"{'#':>3} {'layer':<34} {'type':<6} {'weight shape':<18} {'C_in':>5} {'in HxW':>8} "
+        f"{'Cw':>6} {'Ca':>6} {'unit':>7} {'bytes/ch':>10} {'total units':>12} {'wgrad MAC/ch':>12}"
+    )
     click.echo(header)
     click.echo("-" * len(header))
     for i, layer in enumerate(layers):

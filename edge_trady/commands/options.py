@@ -21,51 +21,115 @@ def stack(*decorators: Decorator) -> Decorator:
 
 
 model_options = stack(
-    click.option("--model", "model", default="efficientnet-lite0", show_default=True,
-                 help="Built-in (efficientnet-lite0, mobilenetv2-w0.35, mobilenetv2-w<width>) or a "
-                      "factory 'path/file.py:fn' / 'package.module:fn' returning an nn.Module."),
-    click.option("--image-size", type=click.IntRange(16, 1024), default=64, show_default=True,
-                 help="Square input size in pixels."),
-)  # fmt: skip
+    click.option(
+        "--model",
+        "model",
+        default="efficientnet-lite0",
+        show_default=True,
+        help="Built-in (efficientnet-lite0, mobilenetv2-w0.35, mobilenetv2-w<width>) or a "
+        "factory 'path/file.py:fn' / 'package.module:fn' returning an nn.Module.",
+    ),
+    click.option(
+        "--image-size",
+        type=click.IntRange(16, 1024),
+        default=64,
+        show_default=True,
+        help="Square input size in pixels.",
+    ),
+)
 
 data_options = stack(
-    click.option("--data", required=True,
-                 help="Training data: 'fashion-mnist[:DIR]', an image folder (one sub-folder per "
-                      "class), an .npz file with x and y, or 'synthetic[:CLASSES]'."),
-    click.option("--val-data", default=None,
-                 help="Validation data (same forms). Default: the validation split of --data."),
-    click.option("--per-class", type=click.IntRange(1), default=None,
-                 help="Keep at most this many training images per class (seeded subset)."),
-    click.option("--val-per-class", type=click.IntRange(1), default=None,
-                 help="Same for validation. Default: --per-class."),
-)  # fmt: skip
+    click.option(
+        "--data",
+        required=True,
+        help="Training data: 'fashion-mnist[:DIR]', an image folder (one sub-folder per "
+        "class), an .npz file with x and y, or 'synthetic[:CLASSES]'.",
+    ),
+    click.option(
+        "--val-data",
+        default=None,
+        help="Validation data (same forms). Default: the validation split of --data.",
+    ),
+    click.option(
+        "--per-class",
+        type=click.IntRange(1),
+        default=None,
+        help="Keep at most this many training images per class (seeded subset).",
+    ),
+    click.option(
+        "--val-per-class",
+        type=click.IntRange(1),
+        default=None,
+        help="Same for validation. Default: --per-class.",
+    ),
+)
 
 training_options = stack(
     click.option("--epochs", type=click.IntRange(1), default=10, show_default=True),
     click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True),
-    click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=0.125,
-                 show_default=True, help="Peak learning rate (plain SGD, cosine decay to 0)."),
-    click.option("--warmup-epochs", type=click.IntRange(0), default=None,
-                 help="Linear warm-up epochs. Default: min(5, epochs // 10)."),
-    click.option("--seed", type=int, default=0, show_default=True,
-                 help="Seeds data subsets and order, new layers and channel sampling."),
+    click.option(
+        "--lr",
+        type=click.FloatRange(min=0, min_open=True),
+        default=0.125,
+        show_default=True,
+        help="Peak learning rate (plain SGD, cosine decay to 0).",
+    ),
+    click.option(
+        "--warmup-epochs",
+        type=click.IntRange(0),
+        default=None,
+        help="Linear warm-up epochs. Default: min(5, epochs // 10).",
+    ),
+    click.option(
+        "--seed",
+        type=int,
+        default=0,
+        show_default=True,
+        help="Seeds data subsets and order, new layers and channel sampling.",
+    ),
     click.option("--quiet", is_flag=True, help="No progress output (for scripts)."),
-)  # fmt: skip
+)
 
 selection_options = stack(
-    click.option("--method", type=click.Choice(list(METHODS)), default="trady", show_default=True,
-                 help="Channel selection method (see docs/methods.md)."),
-    click.option("--budget", default="2%", show_default=True,
-                 help="Channel budget: units (27946), bytes at the batch size (110KiB, 64MiB) or "
-                      "a share of full fine-tuning units (2%)."),
-    click.option("--overflow", type=click.Choice(OVERFLOW_POLICIES), default="skip",
-                 show_default=True,
-                 help="A drawn channel that would overflow the budget: skip it and keep drawing, or "
-                      "stop."),
-    click.option("--ranking", type=click.Path(dir_okay=False), default=None,
-                 help="ranking.json from 'edge-trady rank' (top-K methods). Default: rank first."),
-    click.option("--threshold", type=click.FloatRange(0, 1, min_open=True), default=0.97,
-                 show_default=True, help="Cumulative RGN share that defines the top-K layers."),
-    click.option("--rank-epochs", type=click.IntRange(1), default=1, show_default=True,
-                 help="Epochs of full fine-tuning when a ranking must be computed."),
-)  # fmt: skip
+    click.option(
+        "--method",
+        type=click.Choice(list(METHODS)),
+        default="trady",
+        show_default=True,
+        help="Channel selection method (see docs/methods.md).",
+    ),
+    click.option(
+        "--budget",
+        default="2%",
+        show_default=True,
+        help="Channel budget: units (27946), bytes at the batch size (110KiB, 64MiB) or "
+        "a share of full fine-tuning units (2%).",
+    ),
+    click.option(
+        "--overflow",
+        type=click.Choice(OVERFLOW_POLICIES),
+        default="skip",
+        show_default=True,
+        help="A drawn channel that would overflow the budget: skip it and keep drawing, or stop.",
+    ),
+    click.option(
+        "--ranking",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="ranking.json from 'edge-trady rank' (top-K methods). Default: rank first.",
+    ),
+    click.option(
+        "--threshold",
+        type=click.FloatRange(0, 1, min_open=True),
+        default=0.97,
+        show_default=True,
+        help="Cumulative RGN share that defines the top-K layers.",
+    ),
+    click.option(
+        "--rank-epochs",
+        type=click.IntRange(1),
+        default=1,
+        show_default=True,
+        help="Epochs of full fine-tuning when a ranking must be computed.",
+    ),
+)

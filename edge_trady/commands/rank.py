@@ -12,20 +12,48 @@ from .options import data_options, model_options
 @click.command("rank")
 @model_options
 @data_options
-@click.option("--epochs", type=click.IntRange(1), default=2, show_default=True,
-              help="Epochs of full fine-tuning while gradients are accumulated.")  # fmt: skip
+@click.option(
+    "--epochs",
+    type=click.IntRange(1),
+    default=2,
+    show_default=True,
+    help="Epochs of full fine-tuning while gradients are accumulated.",
+)
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--lr", type=float, default=0.125, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True), default=0.97,
-              show_default=True, help="Cumulative share that defines K.")  # fmt: skip
-@click.option("--score", type=click.Choice(["rgn", "lara"]), default="rgn", show_default=True,
-              help="Layer score used for the order (both are written).")  # fmt: skip
-@click.option("-o", "--output", type=click.Path(dir_okay=False), default="ranking.json",
-              show_default=True)  # fmt: skip
+@click.option(
+    "--threshold",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.97,
+    show_default=True,
+    help="Cumulative share that defines K.",
+)
+@click.option(
+    "--score",
+    type=click.Choice(["rgn", "lara"]),
+    default="rgn",
+    show_default=True,
+    help="Layer score used for the order (both are written).",
+)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default="ranking.json", show_default=True)
 @click.option("--quiet", is_flag=True)
-def command(model, image_size, data, val_data, per_class, val_per_class, epochs, batch_size, lr,
-            seed, threshold, score, output, quiet) -> None:  # fmt: skip
+def command(
+    model,
+    image_size,
+    data,
+    val_data,
+    per_class,
+    val_per_class,
+    epochs,
+    batch_size,
+    lr,
+    seed,
+    threshold,
+    score,
+    output,
+    quiet,
+) -> None:
     """Fine-tune all layers for a few epochs and rank them by accumulated RGN.
 
     Writes, per layer: RGN, LaRa, share and cumulative share, and K, the number of top layers
@@ -34,10 +62,21 @@ def command(model, image_size, data, val_data, per_class, val_per_class, epochs,
     from ..finetune import FinetuneSpec, compute_ranking, prepare
     from ..progress import Progress
 
-    spec = FinetuneSpec(model=model, data=data, image_size=image_size, per_class=per_class,
-                        val_data=val_data, val_per_class=val_per_class, method="full",
-                        budget="100%", batch_size=batch_size, lr=lr, seed=seed,
-                        rank_epochs=epochs, threshold=threshold)  # fmt: skip
+    spec = FinetuneSpec(
+        model=model,
+        data=data,
+        image_size=image_size,
+        per_class=per_class,
+        val_data=val_data,
+        val_per_class=val_per_class,
+        method="full",
+        budget="100%",
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        rank_epochs=epochs,
+        threshold=threshold,
+    )
     progress = Progress(quiet)
     ranking = compute_ranking(prepare(spec), spec, progress, score)
     ranking.save(Path(output))
@@ -45,7 +84,11 @@ def command(model, image_size, data, val_data, per_class, val_per_class, epochs,
         click.echo(f"{'#':>3} {'layer':<36} {'RGN':>10} {'share':>7} {'cumul.':>7}")
         for i, layer in enumerate(ranking.layers[: max(ranking.k + 3, 10)]):
             mark = "*" if i < ranking.k else " "
-            click.echo(f"{i + 1:>3}{mark}{layer.name:<36} {layer.rgn:>10.4g} "
-                       f"{layer.share:>7.2%} {layer.cumulative:>7.2%}")  # fmt: skip
-        click.echo(f"K = {ranking.k} of {len(ranking.layers)} layers reach {threshold:.0%} "
-                   f"(marked *); written to {output}")  # fmt: skip
+            click.echo(
+                f"{i + 1:>3}{mark}{layer.name:<36} {layer.rgn:>10.4g} "
+                f"{layer.share:>7.2%} {layer.cumulative:>7.2%}"
+            )
+        click.echo(
+            f"K = {ranking.k} of {len(ranking.layers)} layers reach {threshold:.0%} "
+            f"(marked *); written to {output}"
+        )

@@ -1,0 +1,17 @@
+import pytest
+import torch
+
+from edge_trady.cost_trace import trace_layers
+from edge_trady.models import build_model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread_is_enough() -> None:
+    torch.set_num_threads(2)
+
+
+@pytest.fixture
+def tiny_model():
+    """MobileNetV2-w0.35 at 32 px (depthwise, pointwise, dense conv and linear layers)."""
+    built = build_model("mobilenetv2-w0.35", num_classes=4, image_size=32, seed=0)
+    return built, trace_layers(built.module, 32)

@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+
+from edge_trady.layers import LayerCost
+from edge_trady.masks import channel_mask
+from edge_trady.selection import METHODS, CandidateLayer, ChannelSampler, candidate_names
+
+POOL = [CandidateLayer("a", 40, 3.0), CandidateLayer("b", 16, 7.0), CandidateLayer("c", 8, 50.0)]
+RANDOM_METHODS = ["trady", "s-topk-random", "d-full-random", "s-full-random"]
+
+
+@pytest.mark.parametrize("method", RANDOM_METHODS + ["d-det-rgn", "s-det-rgn"])
+@pytest.mark.parametrize("overflow", ["skip", "stop"])
+def test_budget_never_exceeded(method: str, overflow: str) -> None:
+    sampler = ChannelSampler(method, POOL, budget=123.0, seed=3, overflow=overflow)
+    scores = {c.name: np.random.default_rng(1).random(c.channels) for c in POOL}
+    for epoch in range(20):
+        selection = sampler.select(epoch, scores)
+        costs = {c.name: c.cost for c in POOL}
+        cost = sum(costs[name] * len(idx) for name, idx in selection.channels.items())
+        assert cost == pytest.approx(selection.cost)
+        assert 0 < cost <= 123.0
+
+
+def test_skip_fills_budget_better_than_stop() -> None:
+    fill = {}
+    for overflow in ("skip", "stop"):
+        sampler = ChannelSampler("trady", POOL, 123.0, seed=0, overflow=overflow)
+        fill[overflow] = np.mean([sampler.select(e).cost for e in range(30)])
+    assert fill["skip"] > fill["stop"]
+    assert fill["skip"] > 120  # skip-and-continue leaves less than the cheapest channel unused
+
+
+@pytest.mark.parametrize("method", ["trady", "d-full-random"])
+def test_dynamic_methods_redraw_every_epoch(method: str) -> None:
+    sampler = ChannelSampler(method, POOL, 60.0, seed=0)
+    selections = [sampler.select(e).to_json()["channels"] for e in range(5)]
+    assert all(selections[i] != selections[i + 1] for i in range(4))
+
+
+@pytest.mark.parametrize("method", ["s-topk-random", "s-full-random"])
+def test_static_methods_keep_their_selection(method: str) -> None:
+    sampler = ChannelSampler(method, POOL, 60.0, seed=0)
+    selections = [sampler.select(e).to_json()["channels"] for e in range(5)]
+    assert all(s == selections[0] for s in selections)
+
+
+def test_static_det_rgn_ignores_later_scores() -> None:
+    sampler = ChannelSampler("s-det-rgn", POOL, 30.0, seed=0)
+    first = sampler.select(0, {c.name: np.arange(c.channels, dtype=float) for c in POOL})
+    later = sampler.select(1, {c.name: -np.arange(c.channels, dtype=float) for c in POOL})
+    assert first.to_json()["channels"] == later.to_json()["channels"]
+
+
+@pytest.mark.parametrize("method", RANDOM_METHODS)
+def test_selection_is_a_function_of_seed_and_epoch(method: str) -> None:
+    one = ChannelSampler(method, POOL, 60.0, seed=7)
+    two = ChannelSampler(method, POOL, 60.0, seed=7)
+    other = ChannelSampler(method, POOL, 60.0, seed=8)
+    assert [one.select(e).to_json() for e in (2, 0, 1)] == [two.select(e).to_json() for e in (2, 0, 1)]
+    assert one.select(0).to_json() != other.select(0).to_json()
+
+
+def test_det_rgn_takes_highest_scores_first() -> None:
+    sampler = ChannelSampler("d-det-rgn", POOL, 20.0, seed=0)
+    scores = {"a": np.zeros(40), "b": np.zeros(16), "c": np.zeros(8)}
+    scores["a"][[5, 9]] = [2.0, 3.0]
+    scores["b"][4] = 2.5
+    selection = sampler.select(0, scores)
+    # a9 (3.0, cost 3), b4 (2.5, cost 7), a5 (2.0, cost 3), then zero scores in index order: a0, a1
+    assert selection.channels["a"].tolist() == [0, 1, 5, 9]
+    assert selection.channels["b"].tolist() == [4]
+    assert selection.cost == 19.0
+
+
+def test_full_and_classifier_only() -> None:
+    full = ChannelSampler("full", POOL, None, seed=0).select(0)
+    assert full.channel_count == 40 + 16 + 8
+    nothing = ChannelSampler("classifier-only", POOL, None, seed=0).select(0)
+    assert nothing.channel_count == 0 and nothing.cost == 0
+
+
+def test_candidates_follow_method_pool() -> None:
+    layers = ["l0", "l1", "l2", "l3"]
+    assert candidate_names("trady", layers, ["l3", "l1"]) == ["l1", "l3"]
+    assert candidate_names("d-full-random", layers, None) == layers
+    assert candidate_names("classifier-only", layers, None) == []
+    with pytest.raises(ValueError, match="ranking"):
+        candidate_names("trady", layers, None)
+    assert set(METHODS) >= {"trady", "s-topk-random", "d-full-random", "s-full-random", "d-det-rgn",
+                            "s-det-rgn", "full", "classifier-only"}  # fmt: skip
+
+
+def test_grouped_mask_maps_input_channels_to_weight_entries() -> None:
+    layer = LayerCost("g", "gconv", 8, 12, (3, 3), 4, (8, 8), (4, 4))  # 2 inputs, 3 outputs per group
+    mask = channel_mask(layer, np.array([1, 6]))
+    assert mask.shape == (12, 2, 1, 1)
+    expected = np.zeros((12, 2))
+    expected[0:3, 1] = 1  # input 1 = group 0, slot 1 -> outputs 0..2
+    expected[9:12, 0] = 1  # input 6 = group 3, slot 0 -> outputs 9..11
+    assert np.array_equal(mask[:, :, 0, 0], expected)
+    depthwise = LayerCost("d", "dwconv", 4, 4, (3, 3), 4, (8, 8), (8, 8))
+    assert channel_mask(depthwise, np.array([2]))[:, 0, 0, 0].tolist() == [0, 0, 1, 0]
