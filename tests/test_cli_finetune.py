@@ -13,13 +13,24 @@ from click.testing import CliRunner
 from edge_trady.cli import cli
 from edge_trady.runlog import read_jsonl
 
-BASE = ["finetune", "--model", "mobilenetv2-w0.35", "--data", "synthetic:4", "--image-size", "32",
-        "--batch-size", "16", "--quiet"]  # fmt: skip
+BASE = [
+    "finetune",
+    "--model",
+    "mobilenetv2-w0.35",
+    "--data",
+    "synthetic:4",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "16",
+    "--quiet",
+]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edge_trady", *args], capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "edge_trady", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def _finetune(tmp_path: Path, name: str, *extra: str) -> Path:
@@ -59,11 +70,13 @@ def test_det_rgn_oracle_runs(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--data", "/nonexistent/folder"], "/nonexistent/folder"),
-     (["--model", "nosuchnet"], "unknown model"),
-     (["--budget", "12 parsecs"], "budget"),
-     (["--model", "missing.py:fn"], "missing.py")],
-)  # fmt: skip
+    [
+        (["--data", "/nonexistent/folder"], "/nonexistent/folder"),
+        (["--model", "nosuchnet"], "unknown model"),
+        (["--budget", "12 parsecs"], "budget"),
+        (["--model", "missing.py:fn"], "missing.py"),
+    ],
+)
 def test_bad_input_is_one_clear_line(tmp_path: Path, args: list[str], message: str) -> None:
     result = _run(*BASE, "--out", str(tmp_path / "x"), "--epochs", "1", *args)
     assert result.returncode == 2
@@ -72,8 +85,21 @@ def test_bad_input_is_one_clear_line(tmp_path: Path, args: list[str], message: s
 
 
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
-    args = [*BASE, "--method", "trady", "--budget", "3%", "--epochs", "3", "--per-class", "48",
-            "--checkpoint-every", "2", "--ranking", str(_ranking(tmp_path))]  # fmt: skip
+    args = [
+        *BASE,
+        "--method",
+        "trady",
+        "--budget",
+        "3%",
+        "--epochs",
+        "3",
+        "--per-class",
+        "48",
+        "--checkpoint-every",
+        "2",
+        "--ranking",
+        str(_ranking(tmp_path)),
+    ]
     whole = tmp_path / "whole"
     assert _run(*args, "--out", str(whole)).returncode == 0
     broken = tmp_path / "broken"
@@ -99,7 +125,19 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path: Path) -> N
 
 def _ranking(tmp_path: Path) -> Path:
     path = tmp_path / "ranking.json"
-    result = _run("rank", "--model", "mobilenetv2-w0.35", "--data", "synthetic:4", "--image-size", "32",
-                  "--epochs", "1", "--quiet", "-o", str(path))  # fmt: skip
+    result = _run(
+        "rank",
+        "--model",
+        "mobilenetv2-w0.35",
+        "--data",
+        "synthetic:4",
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--quiet",
+        "-o",
+        str(path),
+    )
     assert result.returncode == 0, result.stderr
     return path

@@ -61,9 +61,17 @@ def test_shipped_profiles_load(path: Path) -> None:
 
 def test_expected_profiles_are_shipped() -> None:
     names = {p.stem for p in DEFAULT_PROFILES_DIR.glob("*.json")}
-    assert {"raspberry-pi-3b", "raspberry-pi-zero-2w", "raspberry-pi-4-2gb", "raspberry-pi-4-4gb",
-            "raspberry-pi-5-8gb", "jetson-nano-4gb", "jetson-orin-nano-8gb", "generic-x86-4gb",
-            "this-workstation"} <= names  # fmt: skip
+    assert {
+        "raspberry-pi-3b",
+        "raspberry-pi-zero-2w",
+        "raspberry-pi-4-2gb",
+        "raspberry-pi-4-4gb",
+        "raspberry-pi-5-8gb",
+        "jetson-nano-4gb",
+        "jetson-orin-nano-8gb",
+        "generic-x86-4gb",
+        "this-workstation",
+    } <= names
     assert load_profile("jetson-nano-4gb").shared_gpu_memory
 
 

@@ -40,8 +40,10 @@ def test_masked_step_equals_autograd_reference_on_the_same_mask(tiny_model) -> N
         model.get_submodule(name).weight = torch.nn.Parameter(free * mask + weight.detach() * (1 - mask))
     loss = F.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
     ref_grads = torch.autograd.grad(loss, [model.get_submodule(n).weight for n in weights])
-    ref_grads = {n: g * torch.from_numpy(channel_mask(by_name[n], selection.channels[n]))
-                 for n, g in zip(weights, ref_grads, strict=True)}  # fmt: skip
+    ref_grads = {
+        n: g * torch.from_numpy(channel_mask(by_name[n], selection.channels[n]))
+        for n, g in zip(weights, ref_grads, strict=True)
+    }
     model.load_state_dict(reference)
     for name in weights:  # restore plain parameters
         model.get_submodule(name).weight = torch.nn.Parameter(reference[name + ".weight"].clone())
@@ -67,7 +69,9 @@ def test_unselected_channels_and_layers_stay_bit_identical(tiny_model) -> None:
     after = built.module.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     allowed = {name + ".weight" for name in selection.channels} | {
-        built.classifier + ".weight", built.classifier + ".bias"}  # fmt: skip
+        built.classifier + ".weight",
+        built.classifier + ".bias",
+    }
     assert changed == allowed  # every other tensor (BN stats too) is bit-identical
     for name, channels in selection.channels.items():
         mask = torch.from_numpy(channel_mask(by_name[name], channels)).expand_as(before[name + ".weight"])

@@ -30,7 +30,10 @@ def test_costs_match_hand_computed_values() -> None:
     assert dense.wgrad_macs_per_channel == 72 * 64
     # depthwise: Cw = (C'/g) * D * D = 9, Ca = 8 * 8
     assert (depthwise.kind, depthwise.weight_units_per_channel, depthwise.act_units_per_channel) == (
-        "dwconv", 9, 64)  # fmt: skip
+        "dwconv",
+        9,
+        64,
+    )
     assert depthwise.total_units == 8 * (9 + 64)
     assert depthwise.wgrad_macs_per_channel == 9 * 64
     # grouped (g=4): Cw = (12/4) * 9 = 27, Ca = 64, output 4x4
@@ -74,9 +77,14 @@ def test_layer_cost_round_trips_through_dict() -> None:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("27946", Budget(27946, "units")), ("110KiB", Budget(110 * 1024, "bytes")),
-     ("64MiB", Budget(64 * 2**20, "bytes")), ("2%", Budget(0.02, "share")), ("1.5GB", Budget(1.5e9, "bytes"))],
-)  # fmt: skip
+    [
+        ("27946", Budget(27946, "units")),
+        ("110KiB", Budget(110 * 1024, "bytes")),
+        ("64MiB", Budget(64 * 2**20, "bytes")),
+        ("2%", Budget(0.02, "share")),
+        ("1.5GB", Budget(1.5e9, "bytes")),
+    ],
+)
 def test_parse_budget(text: str, expected: Budget) -> None:
     assert parse_budget(text) == expected
 

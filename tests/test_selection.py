@@ -87,8 +87,16 @@ def test_candidates_follow_method_pool() -> None:
     assert candidate_names("classifier-only", layers, None) == []
     with pytest.raises(ValueError, match="ranking"):
         candidate_names("trady", layers, None)
-    assert set(METHODS) >= {"trady", "s-topk-random", "d-full-random", "s-full-random", "d-det-rgn",
-                            "s-det-rgn", "full", "classifier-only"}  # fmt: skip
+    assert set(METHODS) >= {
+        "trady",
+        "s-topk-random",
+        "d-full-random",
+        "s-full-random",
+        "d-det-rgn",
+        "s-det-rgn",
+        "full",
+        "classifier-only",
+    }
 
 
 def test_grouped_mask_maps_input_channels_to_weight_entries() -> None:
