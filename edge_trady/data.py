@@ -486,3 +486,24 @@ def _synthetic(
         normalization=normalization,
         source=f"synthetic:{num_classes} ({split}, {n} per class, seed {seed})",
     )
+
+
+def load_transient_bytes(spec: str, split: str) -> int:
+    """Memory held only while a split is decoded: the raw source read whole (IDX, npz).
+
+    A gzipped IDX file is read as chunks then joined, so it is held about twice.
+    """
+    name, _, arg = spec.partition(":")
+    if name == "fashion-mnist":
+        directory = Path(arg or os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR).expanduser()
+        prefix = "train" if split == "train" else "t10k"
+        path = _idx_file(directory, f"{prefix}-images-idx3-ubyte")
+        if path.suffix != ".gz":
+            return path.stat().st_size
+        with path.open("rb") as handle:  # gzip keeps the uncompressed size in its last 4 bytes
+            handle.seek(-4, os.SEEK_END)
+            return 2 * int.from_bytes(handle.read(4), "little")
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".npz" and path.is_file():
+        return path.stat().st_size
+    return 0

@@ -174,7 +174,7 @@ def make_engine(prep: Prepared, spec: FinetuneSpec, out_dir: Path, trainable: li
         layout = export_training_artifact(
             prep.built.module, prep.layers, trainable, prep.built.classifier, spec.image_size, artifact
         )
-        return OrtEngine(artifact, layout, prep.layers)
+        return OrtEngine(artifact, layout)
     raise EdgeTradyError(f"unknown engine {spec.engine!r}; choose from {', '.join(ENGINES)}")
 
 

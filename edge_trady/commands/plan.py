@@ -1,0 +1,148 @@
+"""``edge-trady plan``: layers and channel budget that fit a device, with the predicted memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..selection import METHODS, OVERFLOW_POLICIES
+from .options import model_options
+
+
+@click.command("plan")
+@model_options
+@click.option(
+    "--profile",
+    "profile_name",
+    required=True,
+    help="Device profile: a name from profiles/ (e.g. raspberry-pi-4-2gb) or a JSON file written "
+    "by 'edge-trady profile'.",
+)
+@click.option(
+    "--budget",
+    default=None,
+    help="Channel budget (units, bytes or %). Default: the largest whose predicted peak fits.",
+)
+@click.option(
+    "--engine",
+    type=click.Choice(["ort", "torch-masked", "torch-sparse"]),
+    default="ort",
+    show_default=True,
+    help="Engine the device will train with (memory differs a lot).",
+)
+@click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--data", default=None, help="Data to rank layers with and to size the data set in memory.")
+@click.option("--per-class", type=click.IntRange(1), default=None, help="Images per class of --data.")
+@click.option(
+    "--num-classes", type=click.IntRange(1), default=None, help="Classes, when --data is not given."
+)
+@click.option(
+    "--train-images",
+    type=click.IntRange(1),
+    default=None,
+    help="Images the device keeps in memory, when --data is not given (default 1000).",
+)
+@click.option(
+    "--ranking",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="ranking.json from 'edge-trady rank'. Default: rank on --data.",
+)
+@click.option("--method", type=click.Choice(list(METHODS)), default="trady", show_default=True)
+@click.option("--threshold", type=click.FloatRange(0, 1, min_open=True), default=0.97, show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--lr", type=float, default=0.125, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overflow", type=click.Choice(OVERFLOW_POLICIES), default="skip", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default="plan.json", show_default=True)
+@click.option(
+    "--plot", type=click.Path(dir_okay=False), default=None, help="Write a bar chart PNG of memory by part."
+)
+@click.option("--quiet", is_flag=True)
+def command(
+    model,
+    image_size,
+    profile_name,
+    budget,
+    engine,
+    batch_size,
+    data,
+    per_class,
+    num_classes,
+    train_images,
+    ranking,
+    method,
+    threshold,
+    epochs,
+    lr,
+    seed,
+    overflow,
+    output,
+    plot,
+    quiet,
+) -> None:
+    """Plan a fine-tuning run for a device.
+
+    Ranks the layers (or reads --ranking), keeps the top-K, and derives the largest channel budget whose
+    predicted whole-process peak fits the profile's usable memory (or checks --budget). Exits with
+    status 2 and says what would fit when even the classifier alone does not fit. Example:
+
+      edge-trady plan --model efficientnet-lite0 --image-size 64 --profile raspberry-pi-3b
+      --data fashion-mnist --per-class 50 -o plan.json --plot plan.png
+    """
+    from ..device import load_profile
+    from ..planner import PlanRequest, make_plan
+    from ..progress import Progress
+
+    request = PlanRequest(
+        model=model,
+        profile=load_profile(profile_name),
+        image_size=image_size,
+        batch_size=batch_size,
+        engine=engine,
+        method=method,
+        budget=budget,
+        ranking=ranking,
+        data=data,
+        per_class=per_class,
+        num_classes=num_classes,
+        train_images=train_images,
+        seed=seed,
+        overflow=overflow,
+        epochs=epochs,
+        lr=lr,
+        threshold=threshold,
+    )
+    plan = make_plan(request, Progress(quiet))
+    plan.save(Path(output))
+    if plot:
+        from ..plots import plot_memory
+
+        plot_memory(
+            plan.estimate, plan.usable_memory_bytes, f"{plan.model} on {plan.profile['name']}", Path(plot)
+        )
+    if not quiet:
+        click.echo(summary(plan))
+        click.echo(f"written to {output}" + (f" and {plot}" if plot else ""))
+
+
+def summary(plan) -> str:
+    from ..budget import format_bytes
+
+    units = sum(layer["in_channels"] for layer in plan.layers)
+    lines = [
+        f"device        {plan.profile['name']}: usable {format_bytes(plan.usable_memory_bytes)} "
+        f"({plan.profile['source']})",
+        f"model         {plan.model}, {plan.image_size} px, {plan.num_classes} classes, batch {plan.batch_size}",
+        f"layers        {len(plan.layers)} candidate layers ({units} input channels), method {plan.method}, "
+        f"engine {plan.engine}",
+        f"budget        {format_bytes(plan.budget_bytes)} at batch {plan.batch_size} "
+        f"({plan.budget:,.0f} {plan.budget_unit})",
+        f"peak          {format_bytes(plan.estimate.peak_bytes)} predicted, "
+        f"{plan.estimate.peak_bytes / plan.usable_memory_bytes:.0%} of usable",
+        "",
+        plan.estimate.table(),
+    ]
+    lines += [f"note: {note}" for note in plan.notes]
+    return "\n".join(lines)

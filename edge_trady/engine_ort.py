@@ -1,0 +1,142 @@
+"""ONNX Runtime training engine (device side: numpy and onnxruntime only, never torch).
+
+``import onnxruntime.training`` runs a package ``__init__`` that imports torch, so this module
+talks to the compiled bindings (``CheckpointState``, ``Module``, ``Optimizer``) that the
+``onnxruntime.training.api`` wrappers are thin layers over, loaded by ``ort_bindings``.
+
+Masked simulation like the torch masked engine: every trainable layer of the artifact computes
+its whole weight gradient; the ``mask::<param>`` inputs zero the unselected entries before plain
+SGD, so unselected weights stay bit-identical.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ArtifactError
+from .masks import channel_mask, mask_shape
+from .ort_runtime import ArtifactLayout, ort_bindings
+from .selection import Selection
+
+C = ort_bindings()
+STATE_FILE = "ort_checkpoint"
+
+
+def _quiet() -> C.SessionOptions:
+    """Options for the optimizer session: SGDOptimizerV2's output shape ([1]) differs from its
+    schema's (scalar), which ORT reports as a warning on load and on every step."""
+    options = C.SessionOptions()
+    options.log_severity_level = 3
+    return options
+
+
+class OrtEngine:
+    """The Engine protocol on an artifact written by ``ort_export.export_training_artifact``."""
+
+    name = "ort"
+
+    def __init__(
+        self,
+        directory: Path,
+        layout: ArtifactLayout | None = None,
+        options: C.SessionOptions | None = None,
+    ) -> None:
+        self.directory = Path(directory)
+        self.layout = layout or ArtifactLayout.load(self.directory)
+        self.layout.check_files(self.directory)
+        self.layers = {layer.name: layer for layer in self.layout.layers}
+        path = {
+            kind: str(self.directory / getattr(self.layout, kind))
+            for kind in ("checkpoint", "training_model", "eval_model", "optimizer_model")
+        }
+        device = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
+        try:
+            self._state = C.load_checkpoint(path["checkpoint"])
+            self._module = C.Module(
+                path["training_model"],
+                self._state,
+                path["eval_model"],
+                device,
+                options or C.SessionOptions(),
+            )
+            self._optimizer = C.Optimizer(path["optimizer_model"], self._state, device, _quiet())
+        except Exception as exc:
+            raise ArtifactError(f"{self.directory}: cannot load the training artifact ({exc})") from exc
+        self._train_inputs = list(self._module.input_names(True))
+        outputs = list(self._module.output_names(True))
+        self._loss_index = outputs.index(self.layout.loss_name)
+        self._logits_index = outputs.index(self.layout.logits_name)
+        self._masks = {
+            mask: np.zeros(mask_shape(self.layers[layer]), dtype=np.float32)
+            for mask, layer in self.layout.masks.items()
+        }
+        self._module.lazy_reset_grad()
+
+    def set_selection(self, selection: Selection) -> None:
+        unknown = set(selection.channels) - set(self.layers)
+        if unknown:
+            raise ArtifactError(
+                f"layer {sorted(unknown)[0]!r} is selected but is not trainable in this artifact"
+            )
+        for mask, layer in self.layout.masks.items():
+            channels = selection.channels.get(layer, np.zeros(0, dtype=np.int64))
+            self._masks[mask] = channel_mask(self.layers[layer], channels)
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, int]:
+        feeds = {
+            self.layout.input_name: np.ascontiguousarray(x, dtype=np.float32),
+            self.layout.labels_name: np.ascontiguousarray(y, dtype=np.int64),
+        }
+        feeds.update(self._masks)
+        fetches = C.OrtValueVector()
+        self._module.train_step([feeds[name] for name in self._train_inputs], fetches)
+        self._optimizer.set_learning_rate(float(lr))
+        self._optimizer.optimizer_step()
+        self._module.lazy_reset_grad()
+        loss = float(fetches[self._loss_index].numpy())
+        logits = fetches[self._logits_index].numpy()
+        return loss, int((logits.argmax(1) == y).sum())
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        fetches = C.OrtValueVector()
+        self._module.eval_step([np.ascontiguousarray(x, dtype=np.float32)], fetches)
+        return fetches[0].numpy()
+
+    def parameter_names(self) -> list[str]:
+        """Every parameter of the artifact, trained or frozen."""
+        return list(self._state.parameter_names())
+
+    def parameter(self, name: str) -> np.ndarray:
+        """A copy of the current value of parameter ``name`` (trained or frozen)."""
+        return self._state.get_parameter(name).data.numpy().copy()
+
+    def save_state(self, directory: Path) -> None:
+        C.save_checkpoint(self._state, str(directory / STATE_FILE), False)
+
+    def load_state(self, directory: Path) -> None:
+        path = directory / STATE_FILE
+        try:
+            saved = C.load_checkpoint(str(path))
+        except Exception as exc:
+            raise ArtifactError(f"{path}: cannot read the ORT checkpoint ({exc})") from exc
+        for name in self.layout.trainable_params:
+            if not (saved.has_parameter(name) and saved.get_parameter(name).requires_grad):
+                raise ArtifactError(f"{path}: {name!r} is not trainable there (another artifact?)")
+            try:
+                self._state.copy_parameter_from(name, saved.get_parameter(name).data)
+            except Exception as exc:
+                raise ArtifactError(f"{path}: parameter {name!r} does not fit ({exc})") from exc
+
+    def export_inference(self, path: Path) -> None:
+        """Write an ONNX model (image in, logits out, current weights) for ``InferenceSession``."""
+        self._module.export_model_for_inferencing(str(path), [self.layout.logits_name])
+
+
+def export_inference(artifact: Path, state: Path, path: Path) -> None:
+    """Write the inference model of ``artifact`` with the weights a ``save_state`` left in
+    ``state`` (a trained checkpoint directory)."""
+    engine = OrtEngine(artifact)
+    engine.load_state(state)
+    engine.export_inference(path)

@@ -1,0 +1,316 @@
+"""PyTorch sparse engine: stores and differentiates only the selected input channels.
+
+Same training as ``TorchMaskedEngine`` (frozen BN, no dropout, plain SGD on the selected entries and
+the whole classifier) but with real memory savings. The engine trains a *view* of the model: a copy
+of its module tree that shares every Parameter and buffer, where
+
+- Conv2d / Linear keep ``x[:, S]`` of a training layer and compute the gradient of its selected
+  entries only; a frozen layer keeps just its weight (shared) to pass the gradient down;
+- BatchNorm (eval) is a per-channel scale in backward; ReLU / ReLU6 / Hardtanh keep a mask;
+- layers below the earliest training layer build no graph (nothing there requires grad).
+
+Anything else is left to autograd and may save its input (SiLU, hardswish, sigmoid gates, and
+functional activations called inside a ``forward``): ``saved_bytes`` reports those as ``"other"``.
+The model keeps its classes, and its ``state_dict`` is the engine's state.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .engine_torch import WEIGHTS_FILE
+from .errors import EdgeTradyError
+from .layers import BYTES_PER_UNIT, LayerCost
+from .selection import Selection
+from .sparse_ops import (
+    ROLE_ATTR,
+    ClampMask,
+    ConvGeometry,
+    FrozenBatchNorm,
+    SparseConv2d,
+    SparseLinear,
+    WeightSlice,
+)
+
+ROLES = ("selected", "classifier", "masks", "other", "shared")
+
+
+class _Trainable(nn.Module):
+    """Wraps a Conv2d/Linear: which of its entries train, and their gradient leaves during a step."""
+
+    def __init__(self, layer: nn.Conv2d | nn.Linear, groups: int) -> None:
+        super().__init__()
+        if not layer.weight.is_contiguous():
+            raise EdgeTradyError("torch-sparse needs contiguous weights")
+        self.layer = layer
+        self.groups = groups
+        self.part: WeightSlice | None = None
+        self.train_bias = False
+        self.free: Tensor | None = None
+        self.free_bias: Tensor | None = None
+
+    def select(self, channels: Tensor | None, train_bias: bool) -> None:
+        """Train ``channels`` (None: all, empty: none) and, if asked, the bias."""
+        empty = channels is not None and len(channels) == 0
+        self.part = None if empty else WeightSlice(self.layer.weight.shape, channels, self.groups)
+        self.train_bias = train_bias and self.layer.bias is not None
+
+    def freeze(self) -> None:
+        self.part, self.train_bias = None, False
+
+    def open(self) -> list[Tensor]:
+        """Fresh leaves for this step's gradients: the selected weight entries, then the bias."""
+        if self.part is not None:
+            self.free = self.part.gather(self.layer.weight).requires_grad_()
+        if self.train_bias:
+            self.free_bias = self.layer.bias.detach().requires_grad_()
+        return [t for t in (self.free, self.free_bias) if t is not None]
+
+    def close(self) -> None:
+        self.free = self.free_bias = None
+
+    def sgd_(self, grads: Iterator[Tensor | None], lr: float) -> None:
+        """Apply this layer's gradients, taken from ``grads`` in ``open`` order."""
+        if self.part is not None and (grad := next(grads)) is not None:
+            self.part.sgd_(self.layer.weight, grad, lr)
+        if self.train_bias and (grad := next(grads)) is not None:
+            self.layer.bias.add_(grad, alpha=-lr)
+
+    def _graph_needed(self, x: Tensor) -> bool:
+        return self.free is not None or self.free_bias is not None or x.requires_grad
+
+
+class _Conv2d(_Trainable):
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__(conv, conv.groups)
+        self.geometry = conv_geometry(conv)
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, bias = self.layer.weight, self.layer.bias
+        if not (torch.is_grad_enabled() and self._graph_needed(x)):
+            return self.geometry.conv(x, weight, bias)
+        return SparseConv2d.apply(x, weight, bias, self.free, self.geometry, self.part)
+
+
+class _Linear(_Trainable):
+    def __init__(self, linear: nn.Linear, role: str) -> None:
+        super().__init__(linear, 1)
+        self.role = role
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, bias = self.layer.weight, self.layer.bias
+        if not (torch.is_grad_enabled() and self._graph_needed(x)):
+            return F.linear(x, weight, bias)
+        if x.dim() != 2:
+            raise EdgeTradyError(f"torch-sparse: Linear on a {x.dim()}-D input is not supported")
+        bias = self.free_bias if self.free_bias is not None else bias
+        return SparseLinear.apply(x, weight, bias, self.free, self.part, self.role)
+
+
+class _BatchNorm(nn.Module):
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        if bn.running_mean is None or bn.running_var is None:
+            raise EdgeTradyError("torch-sparse needs BatchNorm layers with running statistics")
+        self.bn = bn
+
+    def forward(self, x: Tensor) -> Tensor:
+        bn = self.bn
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        return FrozenBatchNorm.apply(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+
+
+class _Clamp(nn.Module):
+    def __init__(self, low: float, high: float | None, packed: bool) -> None:
+        super().__init__()
+        self.low, self.high, self.packed = low, high, packed
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return torch.relu(x) if self.high is None else F.hardtanh(x, self.low, self.high)
+        return ClampMask.apply(x, self.low, self.high, self.packed)
+
+
+def conv_geometry(conv: nn.Conv2d) -> ConvGeometry:
+    """The conv's hyper-parameters, with ``padding="same"`` or a static-padding module made explicit."""
+    if conv.padding_mode != "zeros":
+        raise EdgeTradyError(f"torch-sparse: padding_mode {conv.padding_mode!r} is not supported")
+    static = getattr(conv, "static_padding", None)  # efficientnet_lite_pytorch.Conv2dStaticSamePadding
+    if static is None and type(conv).forward is not nn.Conv2d.forward:
+        raise EdgeTradyError(f"torch-sparse: {type(conv).__name__} has its own forward; not supported")
+    pad, padding = None, conv.padding
+    if isinstance(static, nn.ZeroPad2d):
+        pad = tuple(static.padding)
+    elif static is not None and type(static).__name__ != "Identity":
+        raise EdgeTradyError(f"torch-sparse: unsupported static padding {type(static).__name__}")
+    if padding == "valid":
+        padding = (0, 0)
+    elif padding == "same":
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        pad, padding = (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2), (0, 0)
+    if pad is not None and min(pad) < 0:
+        raise EdgeTradyError("torch-sparse: negative (cropping) padding is not supported")
+    return ConvGeometry(tuple(conv.stride), tuple(padding), tuple(conv.dilation), conv.groups, pad)
+
+
+def sparse_view(model: nn.Module, classifier: str, packed_masks: bool) -> tuple[nn.Module, dict[str, _Trainable]]:
+    """A copy of ``model``'s module tree sharing its tensors, with sparse-aware modules substituted.
+
+    Returns the copy and its Conv2d/Linear wrappers by qualified name.
+    """
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    net = copy.deepcopy(model, memo=shared).eval()
+    replaced: dict[int, nn.Module] = {}
+    trainable: dict[str, _Trainable] = {}
+    for name, module in list(net.named_modules(remove_duplicate=False)):
+        if id(module) not in replaced:
+            substitute = _substitute(module, name == classifier, packed_masks)
+            if substitute is None:
+                continue
+            replaced[id(module)] = substitute
+            if isinstance(substitute, _Trainable):
+                trainable[name] = substitute
+        parent, _, attr = name.rpartition(".")
+        setattr(net.get_submodule(parent), attr, replaced[id(module)])
+    return net, trainable
+
+
+def _substitute(module: nn.Module, is_classifier: bool, packed_masks: bool) -> nn.Module | None:
+    if isinstance(module, nn.Conv2d):
+        return _Conv2d(module)
+    if isinstance(module, nn.Linear):
+        if type(module).forward is not nn.Linear.forward:
+            raise EdgeTradyError(f"torch-sparse: {type(module).__name__} has its own forward; not supported")
+        return _Linear(module, "classifier" if is_classifier else "selected")
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return _BatchNorm(module)
+    if isinstance(module, nn.ReLU):
+        return _Clamp(0.0, None, packed_masks)
+    if isinstance(module, nn.Hardtanh):  # ReLU6 too
+        return _Clamp(module.min_val, module.max_val, packed_masks)
+    return None
+
+
+class SavedTensorLedger:
+    """Bytes autograd saves for backward while active, by role; each storage is counted once.
+
+    Roles: ``selected`` (input channels kept for a layer's weight gradient), ``classifier`` (the
+    head's input), ``masks`` (bool/uint8: activation masks), ``other``, and ``shared`` (storage of a
+    model Parameter or buffer: no extra memory, not in ``total``).
+    """
+
+    def __init__(self, shared: Iterable[Tensor]) -> None:
+        self.shared = {t.untyped_storage().data_ptr() for t in shared}
+        self.storages: dict[int, tuple[str, int]] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, tensor: Tensor) -> Tensor:
+        storage = tensor.untyped_storage()
+        pointer = storage.data_ptr()
+        if pointer and pointer not in self.storages:
+            self.storages[pointer] = (self._role(tensor, pointer), storage.nbytes())
+        return tensor
+
+    def _role(self, tensor: Tensor, pointer: int) -> str:
+        if pointer in self.shared:
+            return "shared"
+        if hasattr(tensor, ROLE_ATTR):
+            return getattr(tensor, ROLE_ATTR)
+        return "masks" if tensor.dtype in (torch.bool, torch.uint8) else "other"
+
+    def totals(self) -> dict[str, int]:
+        totals = dict.fromkeys(ROLES, 0)
+        for role, size in self.storages.values():
+            totals[role] += size
+        totals["total"] = sum(size for role, size in totals.items() if role != "shared")
+        return totals
+
+    def __enter__(self) -> SavedTensorLedger:
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._hooks.__exit__(*exc)
+
+
+class TorchSparseEngine:
+    """Trains the selected input channels of a model with plain SGD, storing only what they need."""
+
+    name = "torch-sparse"
+
+    def __init__(
+        self, model: nn.Module, layers: list[LayerCost], classifier: str, packed_masks: bool = False
+    ) -> None:
+        self.model = model.eval()
+        self.layers = {layer.name: layer for layer in layers}
+        self.classifier = classifier
+        for param in model.parameters():
+            param.requires_grad_(False)
+        self.net, self.trainable = sparse_view(model, classifier, packed_masks)
+        self.active: list[_Trainable] = []
+        self.set_selection(Selection(0, {}, 0.0))
+
+    def set_selection(self, selection: Selection) -> None:
+        for module in self.active:
+            module.freeze()
+        wanted: dict[str, np.ndarray | None] = {self.classifier: None, **selection.channels}
+        self.active = []
+        for name, channels in wanted.items():
+            index = None if channels is None else np.unique(channels).astype(np.int64)
+            partial = index is not None and len(index) < self.layers[name].in_channels
+            module = self.trainable[name]
+            module.select(torch.from_numpy(index) if partial else None, train_bias=name == self.classifier)
+            self.active.append(module)
+
+    def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, int]:
+        target = torch.from_numpy(y)
+        with self._leaves() as leaves:
+            logits = self.net(torch.from_numpy(x))
+            loss = F.cross_entropy(logits, target)
+            grads = iter(torch.autograd.grad(loss, leaves, allow_unused=True))
+        with torch.no_grad():
+            for module in self.active:
+                module.sgd_(grads, lr)
+        return float(loss.detach()), int((logits.detach().argmax(1) == target).sum())
+
+    def saved_bytes(self, x: np.ndarray, y: np.ndarray) -> dict[str, int]:
+        """Bytes one step on this batch keeps for backward (``SavedTensorLedger`` roles), plus the
+        gradient leaves: ``weight_grads`` (selected entries) and ``classifier_grads`` (head)."""
+        shared = itertools.chain(self.model.parameters(), self.model.buffers())
+        with self._leaves() as leaves, SavedTensorLedger(shared) as ledger:
+            F.cross_entropy(self.net(torch.from_numpy(x)), torch.from_numpy(y))
+            totals = ledger.totals()
+            head = self.trainable[self.classifier]
+            head_leaves = [head.free, head.free_bias]
+            head_bytes = sum(t.numel() * BYTES_PER_UNIT for t in head_leaves if t is not None)
+            totals["weight_grads"] = sum(t.numel() * BYTES_PER_UNIT for t in leaves) - head_bytes
+            totals["classifier_grads"] = head_bytes
+        return totals
+
+    @contextmanager
+    def _leaves(self) -> Iterator[list[Tensor]]:
+        try:
+            yield [leaf for module in self.active for leaf in module.open()]
+        finally:
+            for module in self.active:
+                module.close()
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return self.net(torch.from_numpy(x)).numpy()
+
+    def save_state(self, directory: Path) -> None:
+        torch.save(self.model.state_dict(), directory / WEIGHTS_FILE)
+
+    def load_state(self, directory: Path) -> None:
+        self.model.load_state_dict(torch.load(directory / WEIGHTS_FILE, weights_only=True))

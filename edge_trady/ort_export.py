@@ -1,0 +1,430 @@
+"""Export a model as an ONNX Runtime training artifact with per-layer gradient masks (workstation).
+
+The exported graph computes what the PyTorch model computes in ``eval()`` mode. ORT's training
+graph would turn every BatchNormalization into training-mode BN, so none is left: a BN after a
+frozen conv is folded into that conv, a BN after a trained layer becomes a constant per-channel
+affine (folding it would change the gradient and the SGD trajectory). Zero padding in front of a
+conv (EfficientNet's ``Conv2dStaticSamePadding``) is merged into the Conv's ``pads``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import os
+import re
+import sys
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import helper, numpy_helper
+from torch import fx, nn
+
+from .errors import ArtifactError
+from .layers import LayerCost
+from .masks import mask_shape
+from .ort_runtime import MASK_PREFIX, ArtifactLayout
+
+INPUT, LABELS, LOGITS = "input", "labels", "logits"
+log = logging.getLogger(__name__)
+
+
+class ConstantAffine(nn.Module):
+    """``x * scale + shift`` per channel: an eval-mode BatchNorm2d with nothing left to train."""
+
+    def __init__(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale.reshape(-1, 1, 1))
+        self.register_buffer("shift", shift.reshape(-1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale + self.shift
+
+
+class _ZeroPadFn(torch.autograd.Function):
+    """F.pad that exports as one ``Pad`` with constant pads (mergeable into the next Conv)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, padding: tuple[int, int, int, int]) -> torch.Tensor:
+        return F.pad(x, padding)
+
+    @staticmethod
+    def symbolic(g, x, padding):
+        left, right, top, bottom = padding
+        pads = torch.tensor([0, 0, top, left, 0, 0, bottom, right], dtype=torch.int64)
+        return g.op("Pad", x, g.op("Constant", value_t=pads), mode_s="constant")
+
+
+class ZeroPad(nn.Module):
+    """``nn.ZeroPad2d`` in the copy that is exported (never run backward in torch)."""
+
+    def __init__(self, padding: tuple[int, int, int, int]) -> None:
+        super().__init__()
+        self.padding = padding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ZeroPadFn.apply(x, self.padding)
+
+
+def export_training_artifact(
+    model: nn.Module,
+    layers: list[LayerCost],
+    trainable: list[str],
+    classifier: str,
+    image_size: int,
+    out_dir: Path,
+) -> ArtifactLayout:
+    """Write the artifact of ``model`` to ``out_dir``: ``trainable`` layers' weights masked, the
+    classifier's weight and bias unmasked, everything else frozen."""
+    costs = {layer.name: layer for layer in layers}
+    masked = [name for name in dict.fromkeys(trainable) if name != classifier]
+    _check_layers(model, costs, masked, classifier)
+    head: nn.Linear = model.get_submodule(classifier)
+    params = {name: [f"{name}.weight"] for name in masked}
+    params[classifier] = [f"{classifier}.weight"] + ([f"{classifier}.bias"] if head.bias is not None else [])
+    masks = {MASK_PREFIX + f"{name}.weight": name for name in masked}
+    graph = _to_onnx(_export_copy(model, {*masked, classifier}), image_size)
+    _merge_pads(graph)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loss_name = _generate(graph, params, masks, costs, out_dir)
+    layout = ArtifactLayout(
+        image_size=image_size,
+        classifier=classifier,
+        input_name=INPUT,
+        labels_name=LABELS,
+        loss_name=loss_name,
+        logits_name=LOGITS,
+        masks=masks,
+        params=params,
+        layers=[costs[name] for name in masked],
+    )
+    layout.save(out_dir)
+    return layout
+
+
+def _check_layers(model: nn.Module, costs: dict[str, LayerCost], masked: list[str], classifier: str) -> None:
+    modules = dict(model.named_modules())
+    if not isinstance(modules.get(classifier), nn.Linear):
+        kind = type(modules[classifier]).__name__ if classifier in modules else "missing"
+        raise ArtifactError(f"classifier {classifier!r} must be an nn.Linear layer ({kind})")
+    for name in masked:
+        module = modules.get(name)
+        if module is None:
+            raise ArtifactError(f"trainable layer {name!r}: the model has no such layer")
+        if not isinstance(module, (nn.Conv2d, nn.Linear)):
+            raise ArtifactError(
+                f"trainable layer {name!r} is a {type(module).__name__}: only Conv2d and "
+                "Linear weights can be trained"
+            )
+        if name not in costs:
+            raise ArtifactError(f"trainable layer {name!r} has no LayerCost (trace it first)")
+
+
+class _LeafTracer(fx.Tracer):
+    """Keeps Conv2d (incl. subclasses such as EfficientNet's same-padding conv) and BN as nodes."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        leaves = (nn.Conv2d, nn.modules.batchnorm._BatchNorm)
+        return isinstance(module, leaves) or super().is_leaf_module(module, qualified_name)
+
+
+def _bn_producers(model: nn.Module) -> dict[str, str]:
+    """BatchNorm name -> the Conv2d whose output only that BN reads ({} if fx cannot trace)."""
+    try:
+        graph = _LeafTracer().trace(model)
+    except Exception as exc:  # e.g. data-dependent control flow
+        log.info("torch.fx cannot trace the model (%s): every BatchNorm becomes an affine", exc)
+        return {}
+    modules = dict(model.named_modules())
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    pairs: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules[node.target], nn.BatchNorm2d):
+            continue
+        source = node.args[0]
+        if (
+            isinstance(source, fx.Node)
+            and source.op == "call_module"
+            and isinstance(modules[source.target], nn.Conv2d)
+            and len(source.users) == 1
+            and calls[source.target] == calls[node.target] == 1
+        ):
+            pairs[node.target] = source.target
+    return pairs
+
+
+def _export_copy(model: nn.Module, trained: set[str]) -> nn.Module:
+    """An eval-mode deep copy with no BatchNorm left and export-friendly zero pads."""
+    work = copy.deepcopy(model).eval()
+    producers = _bn_producers(work)
+    for name, module in list(work.named_modules()):
+        if isinstance(module, nn.ZeroPad2d):
+            _replace(work, name, ZeroPad(tuple(module.padding)))
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        if not isinstance(module, nn.BatchNorm2d) or not module.track_running_stats:
+            raise ArtifactError(
+                f"layer {name!r} ({type(module).__name__}): only BatchNorm2d with running "
+                "statistics can be exported"
+            )
+        with torch.no_grad():
+            scale = module.running_var.add(module.eps).rsqrt()
+            if module.affine:
+                scale = scale * module.weight
+            shift = -module.running_mean * scale
+            if module.affine:
+                shift = shift + module.bias
+        conv = producers.get(name)
+        if conv is not None and conv not in trained:
+            _fold(work.get_submodule(conv), scale, shift)
+            _replace(work, name, nn.Identity())
+        else:
+            _replace(work, name, ConstantAffine(scale, shift))
+    return work
+
+
+def _fold(conv: nn.Conv2d, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    with torch.no_grad():
+        bias = shift if conv.bias is None else conv.bias * scale + shift
+        conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+        conv.bias = nn.Parameter(bias, requires_grad=False)
+
+
+def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, module)
+
+
+def _to_onnx(model: nn.Module, image_size: int) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings(), _stdout_fd_silenced():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model,
+                (torch.zeros(2, 3, image_size, image_size),),
+                buffer,
+                dynamo=False,
+                training=torch.onnx.TrainingMode.EVAL,
+                do_constant_folding=False,
+                export_params=True,
+                keep_initializers_as_inputs=True,  # else equal-valued weights are deduplicated
+                input_names=[INPUT],
+                output_names=[LOGITS],
+                dynamic_axes={INPUT: {0: "batch"}, LOGITS: {0: "batch"}},
+            )
+    except Exception as exc:
+        raise ArtifactError(f"ONNX export failed: {_first_line(str(exc))}") from exc
+    model = onnx.load_from_string(buffer.getvalue())
+    inputs = [i for i in model.graph.input if i.name == INPUT]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    return model
+
+
+def _merge_pads(model: onnx.ModelProto) -> None:
+    """Fold each constant zero ``Pad`` on H/W that only feeds Conv data inputs into those Convs."""
+    graph = model.graph
+    consts = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    for pad in [n for n in graph.node if n.op_type == "Pad"]:
+        users = consumers.get(pad.output[0], [])
+        extra = _zero_hw_pads(pad, consts)
+        if (
+            extra is None
+            or pad.output[0] in outputs
+            or not users
+            or not all(_plain_conv_reading(user, pad.output[0]) for user in users)
+        ):
+            continue
+        for conv in users:
+            _add_conv_pads(conv, extra)
+            conv.input[0] = pad.input[0]
+        graph.node.remove(pad)
+    used = {name for node in graph.node for name in node.input}
+    for const in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
+        graph.node.remove(const)
+
+
+def _zero_hw_pads(pad: onnx.NodeProto, consts: dict[str, onnx.NodeProto]) -> tuple[int, int, int, int] | None:
+    """(top, left, bottom, right) of a constant zero Pad of an NCHW tensor's H and W, else None."""
+    mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
+    pads = _constant(consts, pad.input[1])
+    value = _constant(consts, pad.input[2]) if len(pad.input) > 2 and pad.input[2] else 0
+    if (
+        mode != b"constant"
+        or len(pad.input) > 3
+        or pads is None
+        or pads.shape != (8,)
+        or pads[[0, 1, 4, 5]].any()
+        or (pads < 0).any()
+        or value is None
+        or np.any(value)
+    ):
+        return None
+    return int(pads[2]), int(pads[3]), int(pads[6]), int(pads[7])
+
+
+def _plain_conv_reading(node: onnx.NodeProto, name: str) -> bool:
+    """True if ``node`` is a Conv without auto_pad that reads ``name`` as its data input only."""
+    auto_pad = next((a.s for a in node.attribute if a.name == "auto_pad"), b"NOTSET")
+    return (
+        node.op_type == "Conv"
+        and auto_pad == b"NOTSET"
+        and node.input[0] == name
+        and name not in node.input[1:]
+    )
+
+
+def _constant(consts: dict[str, onnx.NodeProto], name: str) -> np.ndarray | None:
+    node = consts.get(name)
+    if node is None:
+        return None
+    attr = next((a for a in node.attribute if a.name == "value"), None)
+    return None if attr is None else numpy_helper.to_array(attr.t)
+
+
+def _add_conv_pads(conv: onnx.NodeProto, extra: tuple[int, int, int, int]) -> None:
+    """Add (top, left, bottom, right) to a Conv's pads ([top, left, bottom, right] in ONNX)."""
+    attr = next((a for a in conv.attribute if a.name == "pads"), None)
+    current = list(attr.ints) if attr is not None else [0, 0, 0, 0]
+    merged = [a + b for a, b in zip(current, extra, strict=True)]
+    if attr is not None:
+        conv.attribute.remove(attr)
+    conv.attribute.append(helper.make_attribute("pads", merged))
+
+
+def _generate(
+    graph: onnx.ModelProto,
+    params: dict[str, list[str]],
+    masks: dict[str, str],
+    costs: dict[str, LayerCost],
+    out_dir: Path,
+) -> str:
+    """Run ``generate_artifacts`` and add the masks; return the name of the loss output."""
+    from onnxruntime.training import artifacts
+
+    requires_grad = [name for names in params.values() for name in names]
+    names = {init.name for init in graph.graph.initializer}
+    missing = [name for name in requires_grad if name not in names]
+    if missing:
+        raise ArtifactError(
+            f"parameter {missing[0]!r} is not an initializer of the exported graph "
+            "(shared or transformed weights are not supported)"
+        )
+    try:
+        with _quiet_gradient_builder():
+            artifacts.generate_artifacts(
+                graph,
+                requires_grad=requires_grad,
+                frozen_params=sorted(names - set(requires_grad)),
+                loss=artifacts.LossType.CrossEntropyLoss,
+                optimizer=artifacts.OptimType.SGD,
+                artifact_directory=out_dir,
+                additional_output_names=[LOGITS],
+            )
+    except Exception as exc:
+        raise ArtifactError(f"ONNX Runtime cannot build the training graph: {_ort_reason(exc)}") from exc
+    _logits_only(out_dir / ArtifactLayout.eval_model)
+    return _add_masks(out_dir / ArtifactLayout.training_model, masks, costs)
+
+
+@contextlib.contextmanager
+def _quiet_gradient_builder() -> Iterator[None]:
+    """The gradient builder logs every graph pass at INFO unless its SessionOptions say not to."""
+    from onnxruntime import SessionOptions
+    from onnxruntime.training.onnxblock import _training_graph_utils
+
+    def quiet() -> SessionOptions:
+        options = SessionOptions()
+        options.log_severity_level = 3
+        return options
+
+    with mock.patch.object(_training_graph_utils, "SessionOptions", quiet):
+        yield
+
+
+def _add_masks(path: Path, masks: dict[str, str], costs: dict[str, LayerCost]) -> str:
+    """Insert ``Mul(<param>_grad, mask::<param>)`` before each masked gradient's accumulator;
+    return the name of the loss output."""
+    model = onnx.load(path)
+    graph = model.graph
+    accumulators = {node.input[1]: node for node in graph.node if node.op_type == "InPlaceAccumulatorV2"}
+    mask_inputs = []
+    for mask, layer in masks.items():
+        grad = f"{layer}.weight_grad"
+        masked = f"{grad}.masked"
+        accumulators[grad].input[1] = masked
+        graph.node.append(helper.make_node("Mul", [grad, mask], [masked], name=f"Mask_{layer}"))
+        shape = mask_shape(costs[layer])
+        mask_inputs.append(helper.make_tensor_value_info(mask, onnx.TensorProto.FLOAT, shape))
+    user = [i for i in graph.input if i.name in (INPUT, LABELS)]
+    rest = [i for i in graph.input if i.name not in (INPUT, LABELS)]
+    del graph.input[:]
+    graph.input.extend([*user, *mask_inputs, *rest])
+    onnx.save(model, path)
+    return graph.output[0].name
+
+
+def _logits_only(path: Path) -> None:
+    """Drop the loss and the labels input from the eval model: ``predict`` needs images only."""
+    model = onnx.load(path)
+    graph = model.graph
+    keep_outputs = [o for o in graph.output if o.name == LOGITS]
+    del graph.output[:]
+    graph.output.extend(keep_outputs)
+    needed = {LOGITS}
+    nodes = []
+    for node in reversed(graph.node):
+        if needed.intersection(node.output):
+            nodes.append(node)
+            needed.update(node.input)
+    del graph.node[:]
+    graph.node.extend(reversed(nodes))
+    inputs = [i for i in graph.input if i.name in needed]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    onnx.save(model, path)
+
+
+@contextlib.contextmanager
+def _stdout_fd_silenced() -> Iterator[None]:
+    """The TorchScript exporter dumps its whole IR graph to the C stdout when an op fails."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with open(os.devnull, "w") as null:
+        os.dup2(null.fileno(), 1)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _ort_reason(exc: Exception) -> str:
+    """The useful part of an ORT error, with the layer a gradient is missing for."""
+    text = str(exc)
+    missing = re.search(r"has not been registered: (\S+) for node (\S+)", text)
+    if missing:
+        op, node = missing.groups()
+        layer = node.rsplit("/", 2)[-2] if node.count("/") >= 2 else node
+        return f"no gradient for op {op} in layer {layer!r} (node {node})"
+    return _first_line(text.rpartition(" was false. ")[2])
+
+
+def _first_line(text: str) -> str:
+    text = text.strip()
+    return text.splitlines()[0] if text else "unknown error"

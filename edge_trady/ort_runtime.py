@@ -1,0 +1,105 @@
+"""Torch-free pieces of the ONNX Runtime engine: the artifact layout and the ORT bindings.
+
+An artifact directory holds ``training_model.onnx`` (with one ``mask::<param>`` input per masked
+weight), ``eval_model.onnx`` (image in, logits out), ``optimizer_model.onnx`` (plain SGD),
+``checkpoint`` (every parameter; only the trained ones change) and ``layout.json`` (this class).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import ModuleType
+
+from .errors import ArtifactError
+from .layers import LayerCost
+
+FORMAT_VERSION = 1
+LAYOUT_FILE = "layout.json"
+MASK_PREFIX = "mask::"
+_HIDDEN_ON_IMPORT = ("torch", "onnx")
+
+
+def ort_bindings() -> ModuleType:
+    """``onnxruntime.capi._pybind_state`` (``CheckpointState``, ``Module``, ``Optimizer``).
+
+    Importing any part of onnxruntime runs a package check that imports
+    ``onnxruntime.training.ortmodule`` and with it torch and onnx when they are installed
+    (+220 MB RSS, +1.2 s here). They are hidden during that first import, so the check fails
+    quietly as it does on a device without torch; importing them later still works.
+    """
+    hidden = (
+        []
+        if "onnxruntime" in sys.modules
+        else [name for name in _HIDDEN_ON_IMPORT if name not in sys.modules]
+    )
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]
+    try:
+        from onnxruntime.capi import _pybind_state
+    finally:
+        for name in hidden:
+            del sys.modules[name]
+    return _pybind_state
+
+
+@dataclass
+class ArtifactLayout:
+    """File names, graph input/output names and the trainable parameters of an artifact."""
+
+    image_size: int
+    classifier: str
+    input_name: str
+    labels_name: str
+    loss_name: str
+    logits_name: str
+    masks: dict[str, str]  # mask input name -> layer name
+    params: dict[str, list[str]]  # layer name -> its trainable parameter names
+    layers: list[LayerCost]  # costs (and shapes) of the masked layers
+    training_model: str = "training_model.onnx"
+    eval_model: str = "eval_model.onnx"
+    optimizer_model: str = "optimizer_model.onnx"
+    checkpoint: str = "checkpoint"
+    version: int = FORMAT_VERSION
+
+    @property
+    def trainable_params(self) -> list[str]:
+        return [name for names in self.params.values() for name in names]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ArtifactLayout:
+        if data.get("version") != FORMAT_VERSION:
+            raise ArtifactError(
+                f"artifact format version {data.get('version')!r}, this tool reads version "
+                f"{FORMAT_VERSION}: export the artifact again"
+            )
+        try:
+            fields = {k: v for k, v in data.items() if k != "layers"}
+            return cls(**fields, layers=[LayerCost.from_dict(d) for d in data["layers"]])
+        except (KeyError, TypeError) as exc:
+            raise ArtifactError(f"artifact layout is incomplete or malformed: {exc}") from exc
+
+    def save(self, directory: Path) -> None:
+        (directory / LAYOUT_FILE).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, directory: Path) -> ArtifactLayout:
+        path = directory / LAYOUT_FILE
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ArtifactError(f"{path}: not found (is {directory} a training artifact?)") from None
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"{path}: corrupt ({exc})") from exc
+        return cls.from_dict(data)
+
+    def check_files(self, directory: Path) -> None:
+        """Raise ArtifactError if a file the layout names is missing from ``directory``."""
+        for name in (self.training_model, self.eval_model, self.optimizer_model, self.checkpoint):
+            if not (directory / name).exists():
+                raise ArtifactError(f"{directory / name}: missing from the training artifact")

@@ -1,0 +1,255 @@
+"""Make a plan: pick the layers and the largest channel budget whose predicted whole-process
+peak fits the device's usable memory (workstation side, needs torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .budget import format_bytes, parse_budget
+from .cost_trace import trace_layers
+from .data import Dataset, load_dataset, load_transient_bytes
+from .device import DeviceProfile
+from .engine_torch import TorchMaskedEngine
+from .errors import PlanError
+from .footprint import Footprint, trace_footprint
+from .layers import LayerCost, full_units
+from .memory import MemoryEstimate, RunShape, estimate_memory
+from .models import BuiltModel, build_model, model_normalization
+from .plan import Plan
+from .progress import Progress
+from .ranking import Ranking
+from .selection import Selection, candidate_names, method_spec
+
+DEFAULT_TRAIN_IMAGES = 1000
+
+
+@dataclass
+class PlanRequest:
+    model: str
+    profile: DeviceProfile
+    image_size: int = 64
+    batch_size: int = 32
+    engine: str = "ort"
+    method: str = "trady"
+    budget: str | None = None  # None: the largest that fits
+    ranking: str | None = None
+    data: str | None = None
+    per_class: int | None = None
+    num_classes: int | None = None
+    train_images: int | None = None
+    seed: int = 0
+    overflow: str = "skip"
+    epochs: int = 10
+    lr: float = 0.125
+    warmup_epochs: int | None = None
+    threshold: float = 0.97
+    k_rule: str = "threshold"  # or "budget" (MeDyate: budget <= 20 % of the top-K memory)
+    rank_epochs: int = 1
+
+
+@dataclass
+class _Setup:
+    built: BuiltModel
+    layers: list[LayerCost]
+    candidates: list[LayerCost]
+    ranking: Ranking | None
+    train: Dataset | None
+    class_names: list[str] | None
+    dataset_bytes: int
+    load_bytes: int
+
+
+def make_plan(req: PlanRequest, progress: Progress) -> Plan:
+    setup = _setup(req, progress)
+    usable = req.profile.usable_memory_bytes
+    baseline = _baseline(req.profile, req.engine)
+    full = _footprint(setup, req.engine, setup.candidates, req.image_size)
+    if req.budget is not None:
+        budget = parse_budget(req.budget).resolve(full_units(setup.layers))
+        amount, unit = budget.amount, budget.unit
+        estimate = _estimate(req, setup, full, baseline, _budget_bytes(setup, req, amount, unit))
+        if estimate.peak_bytes > usable:
+            _refuse(req, setup, estimate, usable, f"budget {req.budget}")
+        notes = []
+    else:
+        amount, unit, estimate, notes = _largest_fitting(req, setup, full, baseline, usable)
+    return Plan(
+        model=req.model, num_classes=setup.built.num_classes, image_size=req.image_size,
+        normalization=model_normalization(req.model).to_dict(), batch_size=req.batch_size,
+        engine=req.engine, method=req.method if amount > 0 else "classifier-only", seed=req.seed,
+        overflow=req.overflow, epochs=req.epochs, lr=req.lr, warmup_epochs=req.warmup_epochs,
+        layers=[layer.to_dict() for layer in setup.candidates],
+        classifier=next(x for x in setup.layers if x.name == setup.built.classifier).to_dict(),
+        budget=amount, budget_unit=unit,
+        ranking={"threshold": req.threshold, "k": len(setup.candidates), "rule": req.k_rule,
+                 "source": setup.ranking.source if setup.ranking else None},
+        memory=estimate.to_dict(), profile=req.profile.to_dict(), usable_memory_bytes=usable,
+        data={"spec": req.data, "per_class": req.per_class, "dataset_bytes": setup.dataset_bytes},
+        class_names=setup.class_names, notes=notes,
+    )  # fmt: skip
+
+
+def _setup(req: PlanRequest, progress: Progress) -> _Setup:
+    norm = model_normalization(req.model)
+    train = val = None
+    if req.data:
+        train = load_dataset(req.data, "train", req.image_size, norm, req.per_class, req.seed)
+        val = load_dataset(req.data, "val", req.image_size, norm, req.per_class, req.seed)
+    num_classes = train.num_classes if train else req.num_classes
+    if not num_classes:
+        raise PlanError("give --data (to rank layers and size the data set) or --num-classes")
+    built = build_model(req.model, num_classes, req.image_size, req.seed)
+    layers = trace_layers(built.module, req.image_size)
+    ranking = _ranking(req, built, train, val, progress)
+    names = [layer.name for layer in layers if layer.name != built.classifier]
+    top_k = ranking.top_k(req.threshold) if ranking else None
+    chosen = candidate_names(req.method, names, top_k)
+    images = len(train) + len(val) if train and val else (req.train_images or DEFAULT_TRAIN_IMAGES)
+    per_image = req.image_size * req.image_size * 3
+    load = (
+        max(load_transient_bytes(req.data, "train"), load_transient_bytes(req.data, "val")) if req.data else 0
+    )
+    by_name = {layer.name: layer for layer in layers}
+    return _Setup(built, layers, [by_name[n] for n in chosen], ranking, train,
+                  train.class_names if train else None, images * per_image, load)  # fmt: skip
+
+
+def _ranking(req: PlanRequest, built, train, val, progress: Progress) -> Ranking | None:
+    if method_spec(req.method).pool != "topk":
+        return None
+    if req.ranking:
+        return Ranking.load(req.ranking)
+    if train is None:
+        raise PlanError(f"method {req.method!r} needs a layer ranking: give --ranking or --data")
+    from .finetune import FinetuneSpec, Prepared, compute_ranking
+
+    spec = FinetuneSpec(model=req.model, data=req.data, image_size=req.image_size, per_class=req.per_class,
+                        batch_size=req.batch_size, seed=req.seed, rank_epochs=req.rank_epochs,
+                        threshold=req.threshold)  # fmt: skip
+    layers = trace_layers(built.module, req.image_size)
+    prep = Prepared(built, layers, train, val, parse_budget("100%"), full_units(layers))
+    progress.line(f"ranking layers ({req.rank_epochs} epoch(s) of full fine-tuning on {train.source})")
+    return compute_ranking(prep, spec, progress)
+
+
+def _baseline(profile: DeviceProfile, engine: str) -> int:
+    key = "ort" if engine == "ort" else "torch"
+    value = profile.runtime_baseline_bytes.get(key)
+    if value is None:
+        raise PlanError(f"profile {profile.name!r} has no runtime baseline for engine {engine!r} ({key})")
+    return value
+
+
+def _footprint(setup: _Setup, engine: str, layers: list[LayerCost], image_size: int) -> Footprint:
+    """Trace what the engine keeps when ``layers`` are trainable (all channels; sparse: one each)."""
+    model = setup.built.module
+    if engine == "torch-sparse":
+        from .engine_sparse import TorchSparseEngine
+
+        traced = TorchSparseEngine(model, setup.layers, setup.built.classifier)
+        selection = Selection(0, {layer.name: np.array([0]) for layer in layers}, 0.0)
+    else:
+        traced = TorchMaskedEngine(model, setup.layers, setup.built.classifier)
+        selection = Selection(0, {layer.name: np.arange(layer.in_channels) for layer in layers}, 0.0)
+    try:
+        return trace_footprint(model, traced, selection, image_size, setup.built.num_classes)
+    finally:
+        for param in model.parameters():
+            param.requires_grad_(False)
+
+
+def _budget_bytes(setup: _Setup, req: PlanRequest, amount: float, unit: str) -> float:
+    """Upper bound of the bytes the selected channels take (weights + activations at the batch)."""
+    if unit == "bytes":
+        return amount
+    ratio = max((c.bytes_per_channel(req.batch_size) / c.unit_cost for c in setup.candidates), default=4.0)
+    return amount * ratio
+
+
+def _estimate(req: PlanRequest, setup: _Setup, fp: Footprint, baseline: int, budget_bytes: float,
+              engine: str | None = None) -> MemoryEstimate:  # fmt: skip
+    engine = engine or req.engine
+    head = next(x for x in setup.layers if x.name == setup.built.classifier)
+    head_bytes = (head.weight_count + head.out_channels) * 4
+    if engine == "torch-sparse":  # only the selected slices: their activations and gradients
+        saved_fixed = fp.saved_bytes_fixed + int(budget_bytes)
+        gradients = head_bytes
+    else:
+        saved_fixed = fp.saved_bytes_fixed
+        gradients = fp.trainable_weight_bytes
+    shape = RunShape(
+        batch_size=req.batch_size, weight_bytes=fp.weight_bytes, input_bytes_per_sample=fp.input_bytes_per_sample,
+        largest_activation_per_sample=fp.largest_activation_per_sample,
+        forward_peak_per_sample=fp.forward_peak_per_sample, saved_bytes_per_sample=fp.saved_bytes_per_sample,
+        saved_bytes_fixed=saved_fixed, gradient_bytes=gradients, dataset_bytes=setup.dataset_bytes,
+        data_load_bytes=setup.load_bytes, runtime_baseline_bytes=baseline,
+    )  # fmt: skip
+    return estimate_memory(engine, shape)
+
+
+def _largest_fitting(req: PlanRequest, setup: _Setup, full: Footprint, baseline: int,
+                     usable: int) -> tuple[float, str, MemoryEstimate, list[str]]:  # fmt: skip
+    """The largest budget (bytes at the batch size) whose predicted peak fits ``usable``."""
+    top = sum(layer.bytes_per_channel(req.batch_size) * layer.in_channels for layer in setup.candidates)
+    if req.engine != "torch-sparse":
+        estimate = _estimate(req, setup, full, baseline, top)
+        if estimate.peak_bytes <= usable:
+            note = (f"the {req.engine} engine keeps the full inputs of every candidate layer whatever the "
+                    "budget, so the budget is every candidate channel; use --engine torch-sparse to trade "
+                    "budget for memory")  # fmt: skip
+            return float(top), "bytes", estimate, [note]
+        head_only = _footprint(setup, req.engine, [], req.image_size)
+        estimate = _estimate(req, setup, head_only, baseline, 0)
+        if estimate.peak_bytes > usable:
+            _refuse(req, setup, estimate, usable, "the classifier alone")
+        return 0.0, "bytes", estimate, ["only the classifier fits this device with this engine"]
+    low, high = 0.0, float(top)
+    estimate = _estimate(req, setup, full, baseline, 0)
+    if estimate.peak_bytes > usable:
+        _refuse(req, setup, estimate, usable, "the smallest plan")
+    for _ in range(40):
+        middle = (low + high) / 2
+        if _estimate(req, setup, full, baseline, middle).peak_bytes <= usable:
+            low = middle
+        else:
+            high = middle
+    return float(int(low)), "bytes", _estimate(req, setup, full, baseline, int(low)), []
+
+
+def _refuse(req: PlanRequest, setup: _Setup, estimate: MemoryEstimate, usable: int, what: str) -> None:
+    suggestions = _suggestions(req, setup, usable)
+    hint = "; ".join(suggestions) if suggestions else "no smaller batch or image size fits either"
+    raise PlanError(
+        f"{what} does not fit {req.profile.name}: predicted peak {format_bytes(estimate.peak_bytes)} > "
+        f"usable {format_bytes(usable)} (engine {req.engine}, batch {req.batch_size}, "
+        f"{req.image_size} px).\n{estimate.table()}\nWhat would fit: {hint}"
+    )
+
+
+def _suggestions(req: PlanRequest, setup: _Setup, usable: int) -> list[str]:
+    """Smaller batch sizes / image sizes whose smallest plan (classifier only) fits."""
+    found = []
+    baseline = _baseline(req.profile, req.engine)
+    head_only = _footprint(setup, req.engine, [], req.image_size)
+    batch = req.batch_size // 2
+    while batch >= 1 and len(found) < 2:
+        smaller = PlanRequest(**{**req.__dict__, "batch_size": batch})
+        if _estimate(smaller, setup, head_only, baseline, 0).peak_bytes <= usable:
+            found.append(f"--batch-size {batch}")
+            break
+        batch //= 2
+    for size in (req.image_size * 3 // 4, req.image_size // 2):
+        if size < 16 or size == req.image_size:
+            continue
+        built = build_model(req.model, setup.built.num_classes, size, req.seed)
+        layers = trace_layers(built.module, size)
+        smaller_setup = _Setup(built, layers, [], None, None, None, setup.dataset_bytes * size**2
+                               // req.image_size**2, setup.load_bytes)  # fmt: skip
+        fp = _footprint(smaller_setup, req.engine, [], size)
+        sized = PlanRequest(**{**req.__dict__, "image_size": size})
+        if _estimate(sized, smaller_setup, fp, baseline, 0).peak_bytes <= usable:
+            found.append(f"--image-size {size}")
+            break
+    return found
