@@ -1,0 +1,187 @@
+"""Check the planner's memory model against reality.
+
+For each engine, batch size and budget: make a plan (this machine's measured profile), run one epoch
+of training in a fresh process, and compare the process's real peak (VmHWM) with the prediction.
+
+    python bench/memory_check.py
+
+Writes bench/results/memory_check.csv and docs/memory.md (table with the command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+MiB = 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--engines", nargs="+", default=["torch-masked", "torch-sparse", "ort"])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--budgets", nargs="+", default=["1%", "5%"])
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--per-class", type=int, default=30)
+    parser.add_argument("--profile", default="this-workstation")
+    args = parser.parse_args()
+    ranking = RESULTS / f"ranking-efficientnet-lite0-{args.image_size}px.json"
+    if not ranking.exists():
+        _cli(
+            "rank",
+            "--model",
+            "efficientnet-lite0",
+            "--data",
+            "fashion-mnist",
+            "--per-class",
+            "20",
+            "--image-size",
+            str(args.image_size),
+            "--epochs",
+            "1",
+            "--lr",
+            "0.01",
+            "--quiet",
+            "-o",
+            str(ranking),
+        )
+    rows = []
+    for engine in args.engines:
+        for batch in args.batch_sizes:
+            for budget in args.budgets:
+                rows.append(measure(engine, batch, budget, ranking, args))
+                r = rows[-1]
+                print(
+                    f"{engine:13} batch {batch:3} budget {budget:>4}: predicted {r['predicted_mib']:7.1f} MiB, "
+                    f"measured {r['measured_mib']:7.1f} MiB, error {r['error_pct']:+6.1f} %",
+                    flush=True,
+                )
+    write(rows, args)
+
+
+def measure(engine: str, batch: int, budget: str, ranking: Path, args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        plan = Path(tmp) / "plan.json"
+        _cli(
+            "plan",
+            "--model",
+            "efficientnet-lite0",
+            "--image-size",
+            str(args.image_size),
+            "--profile",
+            args.profile,
+            "--engine",
+            engine,
+            "--batch-size",
+            str(batch),
+            "--budget",
+            budget,
+            "--ranking",
+            str(ranking),
+            "--data",
+            "fashion-mnist",
+            "--per-class",
+            str(args.per_class),
+            "--epochs",
+            "1",
+            "--quiet",
+            "-o",
+            str(plan),
+        )
+        predicted = json.loads(plan.read_text())["memory"]
+        run = Path(tmp) / "run"
+        if engine == "ort":
+            artifact = Path(tmp) / "artifact"
+            _cli("export", str(plan), "-o", str(artifact))
+            _cli(
+                "run",
+                str(artifact),
+                "--train",
+                "fashion-mnist",
+                "--per-class",
+                str(args.per_class),
+                "--out",
+                str(run),
+                "--quiet",
+                "--force",
+            )
+        else:
+            _cli(
+                "finetune",
+                "--plan",
+                str(plan),
+                "--data",
+                "fashion-mnist",
+                "--per-class",
+                str(args.per_class),
+                "--out",
+                str(run),
+                "--quiet",
+            )
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    measured = max(m["peak_rss_bytes"] for m in metrics)
+    peak = predicted["peak_bytes"]
+    parts = {p["name"]: round(p["bytes"] / MiB, 1) for p in predicted["parts"]}
+    return {
+        "engine": engine,
+        "batch_size": batch,
+        "budget": budget,
+        "predicted_mib": peak / MiB,
+        "measured_mib": measured / MiB,
+        "error_pct": 100 * (peak - measured) / measured,
+        "parts_mib": json.dumps(parts),
+    }
+
+
+def _cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "edge_trady", *args], check=True)
+
+
+def write(rows: list[dict], args: argparse.Namespace) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with (RESULTS / "memory_check.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    command = (
+        "python bench/memory_check.py --engines "
+        + " ".join(args.engines)
+        + " --batch-sizes "
+        + " ".join(map(str, args.batch_sizes))
+        + " --budgets "
+        + " ".join(args.budgets)
+        + f" --image-size {args.image_size} --per-class {args.per_class}"
+    )
+    lines = [
+        "| engine | batch | budget | predicted MiB | measured MiB (VmHWM) | error |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        flag = "" if abs(r["error_pct"]) <= 10 else " ⚠"
+        lines.append(
+            f"| {r['engine']} | {r['batch_size']} | {r['budget']} | {r['predicted_mib']:.1f} | "
+            f"{r['measured_mib']:.1f} | {r['error_pct']:+.1f} %{flag} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    doc = ROOT / "docs" / "memory.md"
+    tail = doc.read_text().split("<!-- table -->")[-1] if doc.exists() else "\n"
+    doc.write_text(
+        f"# Predicted vs measured peak memory\n\nCommand: `{command}`\n\nEfficientNet-Lite0, "
+        f"{args.image_size} px, Fashion-MNIST ({args.per_class} images/class, train + val), one epoch "
+        f"in a fresh process; measured = the process's VmHWM. Raw rows with the predicted parts: "
+        f"`bench/results/memory_check.csv`.\n\n{table}\n\n<!-- table -->{tail}"
+    )
+
+
+if __name__ == "__main__":
+    main()
