@@ -17,14 +17,15 @@ from .cost_trace import trace_layers
 from .data import Dataset, epoch_order, load_dataset
 from .engine_torch import TorchMaskedEngine
 from .errors import EdgeTradyError
-from .layers import LayerCost, channel_costs, full_units
+from .layers import LayerCost, full_units
 from .loop import TrainConfig, evaluate, train
 from .memwatch import peak_rss_bytes
 from .models import BuiltModel, build_model, model_normalization
 from .progress import Progress
 from .ranking import DEFAULT_THRESHOLD, Ranking, build_ranking
 from .rgn import channel_rgn, layer_lara
-from .selection import CandidateLayer, ChannelSampler, Selection, candidate_names, method_spec
+from .runner import channel_sampler
+from .selection import CandidateLayer, ChannelSampler, Selection, method_spec
 
 ENGINES = ("torch-masked", "torch-sparse", "ort")
 
@@ -94,15 +95,9 @@ def prepare(spec: FinetuneSpec) -> Prepared:
 
 
 def make_sampler(prep: Prepared, spec: FinetuneSpec, top_k: list[str] | None) -> ChannelSampler:
-    names = candidate_names(spec.method, [c.name for c in prep.candidates], top_k)
-    by_name = {layer.name: layer for layer in prep.layers}
-    pool = [
-        CandidateLayer(
-            n, by_name[n].in_channels, channel_costs(by_name[n], prep.budget.unit, spec.batch_size)
-        )
-        for n in names
-    ]
-    return ChannelSampler(spec.method, pool, prep.budget.amount, spec.seed, spec.overflow)
+    return channel_sampler(
+        spec.method, prep.candidates, top_k, prep.budget, spec.batch_size, spec.seed, spec.overflow
+    )
 
 
 def compute_ranking(prep: Prepared, spec: FinetuneSpec, progress: Progress, score: str = "rgn") -> Ranking:

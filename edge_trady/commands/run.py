@@ -1,0 +1,97 @@
+"""``edge-trady run``: fine-tune a training artifact on the device (never imports torch)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("run")
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option(
+    "--train",
+    "train_data",
+    required=True,
+    help="Training data: 'fashion-mnist[:DIR]', an image folder (one sub-folder per class), an .npz "
+    "file with x and y, or 'synthetic[:CLASSES]'. Its classes must be the artifact's.",
+)
+@click.option(
+    "--val", "val_data", default=None, help="Validation data. Default: the validation split of --train."
+)
+@click.option(
+    "--per-class",
+    type=click.IntRange(1),
+    default=None,
+    help="Keep at most this many training images per class (subset seeded by the plan).",
+)
+@click.option(
+    "--val-per-class", type=click.IntRange(1), default=None, help="Same for validation. Default: --per-class."
+)
+@click.option("--epochs", type=click.IntRange(1), default=None, help="Epochs. Default: the plan's.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    required=True,
+    help="Run folder: metrics.jsonl, selection.jsonl, checkpoints/, then model.onnx, model.json and "
+    "summary.json.",
+)
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Run even when the plan's predicted peak exceeds the memory available now.",
+)
+@click.option(
+    "--checkpoint-every",
+    type=click.IntRange(0),
+    default=0,
+    show_default=True,
+    help="Also checkpoint every N steps (0: at epoch ends only).",
+)
+@click.option("--quiet", is_flag=True, help="No progress output (for scripts).")
+def command(
+    artifact: str,
+    train_data: str,
+    val_data: str | None,
+    per_class: int | None,
+    val_per_class: int | None,
+    epochs: int | None,
+    out_dir: str,
+    resume: bool,
+    force: bool,
+    checkpoint_every: int,
+    quiet: bool,
+) -> None:
+    """Fine-tune the training artifact ARTIFACT (from 'edge-trady export') on this device.
+
+    Verifies the artifact against its manifest, refuses to start when the plan's predicted peak
+    memory exceeds what is available (unless --force), then trains with the plan's method, budget,
+    schedule and seed. SIGTERM or Ctrl-C checkpoint and stop; --resume continues. Writes the
+    fine-tuned model for plain ONNX Runtime (model.onnx + model.json). Example:
+
+      edge-trady run artifact/ --train fashion-mnist --per-class 30 --out run/
+    """
+    from ..progress import Progress
+    from ..runner import RunRequest, run
+
+    request = RunRequest(
+        artifact=Path(artifact),
+        train=train_data,
+        out=Path(out_dir),
+        val=val_data,
+        per_class=per_class,
+        val_per_class=val_per_class,
+        epochs=epochs,
+        resume=resume,
+        force=force,
+        checkpoint_every=checkpoint_every,
+    )
+    summary = run(request, Progress(quiet))
+    if not quiet:
+        click.echo(
+            f"val_acc {summary.final_val_acc:.4f}; peak RSS {summary.peak_rss_bytes / 2**20:.0f} MiB "
+            f"(predicted {summary.predicted_peak_bytes / 2**20:.0f} MiB); {summary.seconds:.0f}s; "
+            f"model written to {Path(out_dir) / 'model.onnx'}"
+        )

@@ -1,0 +1,157 @@
+"""Metadata files of the device path (no torch): ``manifest.json`` of a training artifact and the
+``model.json`` sidecar of a fine-tuned inference model.
+
+The manifest says what the artifact is (the plan it was exported from, its mask inputs, input
+and preprocessing, classes, tool versions) and holds the sha256 of every other file in the
+artifact, so a truncated, edited or incomplete copy is refused before anything runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+
+from .errors import ArtifactError
+from .plan import PLAN_VERSION, Plan
+
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+_CHUNK = 1 << 20
+
+
+@dataclass
+class Manifest:
+    """What ``edge-trady export`` wrote and ``edge-trady run`` needs to trust an artifact."""
+
+    plan: Plan
+    masks: dict[str, dict]  # mask input -> {"layer": name, "channels": input channels}
+    input: dict  # name, image_size, channels, dtype, layout
+    normalization: dict  # Normalization.to_dict(): value = (pixel / 255 - mean) / std
+    class_names: list[str] | None
+    versions: dict[str, str]  # tools that wrote the artifact
+    files: dict[str, str]  # path relative to the artifact -> sha256
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def artifact_sha256(self) -> str:
+        """One hash for the whole artifact (over the hashes of its files)."""
+        return hashlib.sha256(json.dumps(self.files, sort_keys=True).encode()).hexdigest()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = MANIFEST_FILE) -> Manifest:
+        found = data.get("format_version") if isinstance(data, dict) else None
+        if found != FORMAT_VERSION:
+            raise ArtifactError(
+                f"{where}: manifest format version {found!r}, this edge-trady reads version "
+                f"{FORMAT_VERSION}: export the artifact again with this version"
+            )
+        _require(data, cls, where)
+        plan = data["plan"]
+        if not isinstance(plan, dict) or plan.get("version") != PLAN_VERSION:
+            raise ArtifactError(f"{where}: the plan inside is not a version {PLAN_VERSION} plan")
+        _require(plan, Plan, f"{where}: plan")
+        return cls(**{**data, "plan": Plan(**plan)})
+
+    def save(self, directory: Path) -> None:
+        (Path(directory) / MANIFEST_FILE).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, directory: Path) -> Manifest:
+        """Read and verify the manifest of ``directory``: version, fields, every file's hash."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise ArtifactError(f"{directory}: no such artifact directory")
+        path = directory / MANIFEST_FILE
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ArtifactError(f"{path}: not found (export the artifact with 'edge-trady export')") from None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ArtifactError(f"{path}: unreadable, truncated or edited ({exc})") from exc
+        manifest = cls.from_dict(data, str(path))
+        for name, digest in manifest.files.items():
+            file = directory / name
+            if not file.is_file():
+                raise ArtifactError(f"{file}: missing from the artifact")
+            if sha256_file(file) != digest:
+                raise ArtifactError(f"{file}: content does not match the manifest (truncated or edited)")
+        return manifest
+
+
+def hash_files(directory: Path) -> dict[str, str]:
+    """sha256 of every file under ``directory`` except the manifest, by relative path."""
+    directory = Path(directory)
+    paths = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    return {p.relative_to(directory).as_posix(): sha256_file(p) for p in paths}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class ModelInfo:
+    """``model.json`` next to a fine-tuned ``model.onnx``: how to feed it and where it came from."""
+
+    image_size: int
+    input: dict
+    normalization: dict
+    class_names: list[str] | None
+    num_classes: int
+    seed: int  # seeds the data subsets (--per-class) and holdouts, so evaluate sees the same images
+    artifact_sha256: str
+    model: str
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> ModelInfo:
+        plan = manifest.plan
+        return cls(
+            image_size=plan.image_size,
+            input=manifest.input,
+            normalization=manifest.normalization,
+            class_names=manifest.class_names,
+            num_classes=plan.num_classes,
+            seed=plan.seed,
+            artifact_sha256=manifest.artifact_sha256,
+            model=plan.model,
+        )
+
+    @staticmethod
+    def sidecar(model_path: Path) -> Path:
+        """Where the info of ``model_path`` (``model.onnx``) lives: ``model.json``."""
+        return Path(model_path).with_suffix(".json")
+
+    def save(self, model_path: Path) -> None:
+        self.sidecar(model_path).write_text(json.dumps(asdict(self), indent=1) + "\n")
+
+    @classmethod
+    def load(cls, model_path: Path) -> ModelInfo:
+        path = cls.sidecar(model_path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ArtifactError(f"{path}: not found ('edge-trady run' writes it next to the model)") from None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ArtifactError(f"{path}: unreadable ({exc})") from exc
+        _require(data, cls, str(path))
+        return cls(**data)
+
+
+def _require(data: object, cls: type, where: str) -> None:
+    """Raise ArtifactError unless ``data`` is a dict with every required field of ``cls``."""
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{where}: expected a JSON object")
+    names = {f.name for f in fields(cls)}
+    required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+    missing, unknown = sorted(required - set(data)), sorted(set(data) - names)
+    if missing or unknown:
+        raise ArtifactError(f"{where}: missing fields {missing}, unknown fields {unknown}")

@@ -1,0 +1,370 @@
+"""Device path: export -> run (torch unimportable) -> evaluate; parity with finetune, guards, resume.
+
+The model is MobileNetV2-w0.35 at 32 px with its BatchNorm statistics calibrated on noise: the plain
+random initialisation shrinks activations ~1e-8 by the classifier, so nothing but the classifier
+bias would train and every comparison below would hold trivially.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from edge_trady.cli import cli
+from edge_trady.cost_trace import trace_layers
+from edge_trady.engine_ort import OrtEngine
+from edge_trady.errors import ArtifactError
+from edge_trady.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest
+from edge_trady.masks import channel_mask
+from edge_trady.models import build_model
+from edge_trady.ranking import build_ranking
+from edge_trady.runlog import read_jsonl
+
+FACTORY = '''
+import torch
+from torch import nn
+
+from edge_trady.mobilenetv2 import MobileNetV2
+
+
+def mobilenet(num_classes):
+    """MobileNetV2-w0.35 whose BatchNorm statistics are those of noise at 32 px."""
+    model = MobileNetV2(num_classes, width=0.35)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(64, 3, 32, 32))
+    return model.eval()
+'''
+# Found first on PYTHONPATH by the device processes: importing torch fails and leaves a trace.
+TORCH_BLOCKER = """
+import os
+with open(os.environ["EDGE_TRADY_TEST_TORCH_IMPORTS"], "a") as log:
+    log.write("torch imported\\n")
+raise ImportError("torch is not installed on this (simulated) device")
+"""
+TRAIN = ["--train", "synthetic:4"]
+DATA = ["--data", "synthetic:4"]
+
+
+def _invoke(*args: str) -> str:
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runner")
+
+
+@pytest.fixture(scope="module")
+def plan_path(root: Path) -> Path:
+    """A trady plan over the last 20 layers (a ranking written here: no ranking epoch)."""
+    (root / "calibrated.py").write_text(FACTORY)
+    model = f"{root / 'calibrated.py'}:mobilenet"
+    built = build_model(model, 4, 32)
+    names = [layer.name for layer in trace_layers(built.module, 32) if layer.name != built.classifier]
+    scores = dict.fromkeys(names[-20:], 1.0)
+    build_ranking(model, 32, scores, scores, threshold=1.0).save(root / "ranking.json")
+    path = root / "plan.json"
+    _invoke(
+        "plan", "--model", model, "--image-size", "32", "--profile", "this-workstation", "--engine", "ort",
+        "--budget", "5%", "--data", "synthetic:4", "--per-class", "48", "--batch-size", "16",
+        "--epochs", "3", "--lr", "0.01", "--ranking", str(root / "ranking.json"), "-o", str(path), "--quiet",
+    )  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="module")
+def artifact(root: Path, plan_path: Path) -> Path:
+    _invoke("export", str(plan_path), "-o", str(root / "artifact"), "--quiet")
+    return root / "artifact"
+
+
+@pytest.fixture(scope="module")
+def device(root: Path) -> Callable[..., subprocess.CompletedProcess]:
+    """Runs ``edge-trady ARGS`` in a process where torch cannot be imported; checks it was not tried."""
+    (root / "blocked" / "torch").mkdir(parents=True)
+    (root / "blocked" / "torch" / "__init__.py").write_text(TORCH_BLOCKER)
+    attempts = root / "torch-imports.log"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root / "blocked"), os.environ.get("PYTHONPATH")])),
+        "EDGE_TRADY_TEST_TORCH_IMPORTS": str(attempts),
+    }
+
+    def run(*args: str, wait: bool = True):
+        command = [sys.executable, "-m", "edge_trady", *args]
+        if not wait:
+            return subprocess.Popen(command, env=env)
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        assert not attempts.exists(), f"the device side imported torch: edge-trady {' '.join(args)}"
+        return done
+
+    return run
+
+
+def _run_args(artifact: Path, out: Path) -> list[str]:
+    return ["run", str(artifact), *TRAIN, "--per-class", "48", "--checkpoint-every", "2", "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def trained(root: Path, artifact: Path, device) -> Path:
+    """The plan's 3 epochs of 12 steps on the device (torch blocked)."""
+    out = root / "run"
+    done = device(*_run_args(artifact, out), "--quiet")
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def _initializers(model: Path) -> dict[str, np.ndarray]:
+    return {init.name: numpy_helper.to_array(init) for init in onnx.load(model).graph.initializer}
+
+
+def test_manifest_describes_and_verifies_the_artifact(artifact: Path, plan_path: Path) -> None:
+    manifest = Manifest.load(artifact)
+    assert Manifest.from_dict(manifest.to_dict()) == manifest
+    assert manifest.format_version == FORMAT_VERSION
+    assert manifest.to_dict()["plan"] == json.loads(plan_path.read_text())
+    assert set(manifest.files) == {p.name for p in artifact.iterdir()} - {MANIFEST_FILE}
+    assert set(manifest.versions) == {"edge-trady", "torch", "onnx", "onnxruntime", "numpy"}
+    assert manifest.class_names == ["class0", "class1", "class2", "class3"]
+    assert manifest.input == {
+        "name": "input",
+        "image_size": 32,
+        "channels": 3,
+        "dtype": "float32",
+        "layout": "NCHW",
+    }
+    layout = OrtEngine(artifact).layout
+    assert {mask: entry["layer"] for mask, entry in manifest.masks.items()} == layout.masks
+    assert [layer["name"] for layer in manifest.plan.layers] == list(layout.masks.values())
+    broken = manifest.to_dict()
+    del broken["files"]
+    with pytest.raises(ArtifactError, match=r"missing fields \['files'\]"):
+        Manifest.from_dict(broken)
+
+
+def test_run_on_the_device_never_imports_torch(trained: Path, artifact: Path, plan_path: Path) -> None:
+    metrics, selections = read_jsonl(trained / "metrics.jsonl"), read_jsonl(trained / "selection.jsonl")
+    assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    assert all(m["engine"] == "ort" and 0 < m["units_used"] <= m["budget_units"] for m in metrics)
+    assert len({json.dumps(s["channels"], sort_keys=True) for s in selections}) == 3  # redrawn each epoch
+    candidates = {layer["name"] for layer in json.loads(plan_path.read_text())["layers"]}
+    assert all(set(s["channels"]) <= candidates for s in selections)
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["final_val_acc"] == metrics[-1]["val_acc"] > 0.4  # 4 classes: it learned something
+    assert summary["peak_rss_bytes"] > 0 and summary["predicted_peak_bytes"] > 0
+    info = json.loads((trained / "model.json").read_text())
+    assert info["artifact_sha256"] == Manifest.load(artifact).artifact_sha256 == summary["artifact_sha256"]
+    assert (trained / "model.onnx").is_file()
+
+
+def test_evaluate_reports_the_runs_last_val_accuracy(trained: Path, device) -> None:
+    done = device(
+        "evaluate", str(trained / "model.onnx"), "--data", "synthetic:4", "--per-class", "48", "--verbose"
+    )
+    assert done.returncode == 0, done.stderr
+    correct, total = map(int, re.search(r"accuracy \S+ \((\d+)/(\d+)\) loss", done.stdout).groups())
+    assert correct / total == read_jsonl(trained / "metrics.jsonl")[-1]["val_acc"]
+    assert len(done.stdout.splitlines()) == 1 + 4  # and one line per class
+
+
+def test_unselected_channels_and_frozen_weights_stay_bit_identical(artifact: Path, trained: Path) -> None:
+    initial = OrtEngine(artifact)
+    layout = initial.layout
+    final = _initializers(trained / "model.onnx")
+    selected: dict[str, set[int]] = {}
+    for selection in read_jsonl(trained / "selection.jsonl"):
+        for layer, channels in selection["channels"].items():
+            selected.setdefault(layer, set()).update(channels)
+    masked = {f"{layer.name}.weight": layer for layer in layout.layers}
+    changed = 0
+    for name in initial.parameter_names():
+        before, after = initial.parameter(name), final[name]
+        if name in layout.params[layout.classifier]:
+            assert not np.array_equal(after, before), name  # the classifier always trains
+        elif name in masked:
+            layer = masked[name]
+            never = sorted(set(range(layer.in_channels)) - selected.get(layer.name, set()))
+            kept = np.broadcast_to(channel_mask(layer, np.array(never, dtype=np.int64)) == 1, before.shape)
+            assert np.array_equal(after[kept], before[kept]), name
+            changed += not np.array_equal(after, before)
+        else:
+            assert np.array_equal(after, before), name  # frozen (BN-folded in both)
+    assert changed >= len(masked) // 2
+
+
+def test_runner_matches_finetune_torch_masked(artifact: Path, plan_path: Path, tmp_path: Path) -> None:
+    """Same plan, seed, data, order and selections; one step per epoch (16 images, batch 16).
+
+    Weights are compared after one step: later, fp32 ReLU6 gradients flip where a pre-activation is
+    within rounding of 0 (torch fp32 and fp64 disagree there too) and the trajectories drift apart
+    by a few % of the weights' movement, while the losses still agree to ~1e-4."""
+
+    def small(epochs: str) -> list[str]:
+        return ["--per-class", "4", "--epochs", epochs, "--quiet"]
+
+    for epochs in ("1", "3"):
+        _invoke("run", str(artifact), *TRAIN, "--out", str(tmp_path / f"ort{epochs}"), *small(epochs))
+        _invoke(
+            "finetune", "--plan", str(plan_path), *DATA, "--engine", "torch-masked",
+            "--out", str(tmp_path / f"torch{epochs}"), *small(epochs),
+        )  # fmt: skip
+    # finetune --plan with the plan's engine (ort) exports the same artifact and trains it alike
+    _invoke("finetune", "--plan", str(plan_path), *DATA, "--out", str(tmp_path / "ft-ort1"), *small("1"))
+    _assert_same_run(tmp_path / "ort1", tmp_path / "ft-ort1")
+    ort, ref = (read_jsonl(tmp_path / f"{engine}3" / "metrics.jsonl") for engine in ("ort", "torch"))
+    same = ("images", "lr", "units_used", "budget_units", "channels_per_layer")
+    assert [{k: m[k] for k in same} for m in ort] == [{k: m[k] for k in same} for m in ref]
+    assert ort[0]["train_loss"] == pytest.approx(ref[0]["train_loss"], rel=1e-4)
+    assert [m["train_loss"] for m in ort] == pytest.approx([m["train_loss"] for m in ref], rel=1e-3)
+    assert read_jsonl(tmp_path / "ort3" / "selection.jsonl") == read_jsonl(
+        tmp_path / "torch3" / "selection.jsonl"
+    )
+    initial = OrtEngine(artifact)
+    trained = _initializers(tmp_path / "ort1" / "model.onnx")
+    reference = torch.load(tmp_path / "torch1" / "model.pt", weights_only=True)
+    for name in initial.layout.trainable_params:
+        moved = np.linalg.norm(reference[name].numpy() - initial.parameter(name))
+        assert moved > 0, name
+        assert np.linalg.norm(trained[name] - reference[name].numpy()) <= 1e-3 * moved, name
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    """Same final weights (bit for bit), selections and losses."""
+    first, second = _initializers(a / "model.onnx"), _initializers(b / "model.onnx")
+    assert first.keys() == second.keys()
+    assert all(np.array_equal(first[k], second[k]) for k in first)
+    assert read_jsonl(a / "selection.jsonl") == read_jsonl(b / "selection.jsonl")
+    losses = [[m["train_loss"] for m in read_jsonl(run / "metrics.jsonl")] for run in (a, b)]
+    assert losses[0] == losses[1]
+
+
+def _start_and_wait(device, args: list[str], out: Path, ready: Callable[[str], bool]) -> subprocess.Popen:
+    """Start a run; return once the name of its latest checkpoint satisfies ``ready``."""
+    proc = device(*args, "--quiet", wait=False)
+    latest = out / "checkpoints" / "LATEST"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if latest.exists() and ready(latest.read_text()):
+            return proc
+        time.sleep(0.01)
+    proc.kill()
+    raise AssertionError(f"no checkpoint as expected in {out}")
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(
+    artifact: Path, trained: Path, device, tmp_path: Path
+) -> None:
+    out = tmp_path / "killed"
+    args = _run_args(artifact, out)
+
+    def mid_second_epoch(name: str) -> bool:
+        return name.startswith("epoch0001-step") and not name.endswith("step000000")
+
+    proc = _start_and_wait(device, args, out, mid_second_epoch)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (out / "checkpoints" / "LATEST").read_text().startswith("epoch0001-step")  # killed in epoch 2
+    resumed = device(*args, "--resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_run(trained, out)
+
+
+def test_sigterm_checkpoints_and_stops_then_resume_finishes(
+    artifact: Path, trained: Path, device, tmp_path: Path
+) -> None:
+    out = tmp_path / "stopped"
+    args = _run_args(artifact, out)
+    proc = _start_and_wait(device, args, out, lambda name: name.startswith("epoch0000-step"))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130
+    assert len(read_jsonl(out / "metrics.jsonl")) < 3  # stopped early, with a checkpoint
+    resumed = device(*args, "--resume", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    _assert_same_run(trained, out)
+
+
+def _edit_manifest(artifact: Path, edit: Callable[[dict], None]) -> None:
+    data = json.loads((artifact / MANIFEST_FILE).read_text())
+    edit(data)
+    (artifact / MANIFEST_FILE).write_text(json.dumps(data))
+
+
+def _truncate(artifact: Path) -> None:
+    path = artifact / "checkpoint"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_byte(artifact: Path) -> None:
+    path = artifact / "training_model.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+BROKEN = {
+    "truncated": (_truncate, "checkpoint: content does not match the manifest (truncated or edited)"),
+    "edited": (_flip_byte, "training_model.onnx: content does not match the manifest (truncated or edited)"),
+    "missing file": (lambda a: (a / "layout.json").unlink(), "layout.json: missing from the artifact"),
+    "missing dir": (shutil.rmtree, "no such artifact directory"),
+    "other version": (
+        lambda a: _edit_manifest(a, lambda d: d.update(format_version=FORMAT_VERSION + 1)),
+        f"manifest format version {FORMAT_VERSION + 1}, this edge-trady reads version {FORMAT_VERSION}",
+    ),
+    "rgn oracle": (
+        lambda a: _edit_manifest(a, lambda d: d["plan"].update(method="d-det-rgn")),
+        "method 'd-det-rgn' is an RGN oracle",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", [*BROKEN, "wrong classes"])
+def test_broken_artifact_or_data_is_one_clear_line(artifact: Path, device, tmp_path: Path, case: str) -> None:
+    copy = tmp_path / "artifact"
+    shutil.copytree(artifact, copy)
+    data, expected = "synthetic:4", "synthetic:3 (train, 4 per class, seed 0): 3 classes, the model has 4"
+    if case in BROKEN:
+        breaker, expected = BROKEN[case]
+        breaker(copy)
+    else:
+        data = "synthetic:3"
+    done = device("run", str(copy), "--train", data, "--per-class", "4", "--out", str(tmp_path / "out"))
+    assert done.returncode == 2
+    assert done.stderr.startswith("error:") and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert expected in done.stderr
+
+
+def test_memory_guard_refuses_a_plan_that_does_not_fit_unless_forced(
+    artifact: Path, device, tmp_path: Path
+) -> None:
+    copy = tmp_path / "artifact"
+    shutil.copytree(artifact, copy)
+    _edit_manifest(copy, lambda d: d["plan"]["memory"]["parts"][0].update(bytes=2**50))  # 1 PiB baseline
+    args = ["run", str(copy), *TRAIN, "--per-class", "4", "--epochs", "1", "--out", str(tmp_path / "out")]
+    refused = device(*args)
+    assert refused.returncode == 2 and refused.stderr.startswith("error: the plan's predicted peak")
+    assert re.search(
+        r"peak 1048576\.0 GiB exceeds the memory available to this run, [\d.]+ [GM]iB", refused.stderr
+    )
+    assert not (tmp_path / "out").exists()
+    forced = device(*args, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert "running anyway (--force)" in forced.stderr
