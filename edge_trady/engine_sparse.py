@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,7 +30,7 @@ from torch import Tensor, nn
 
 from .engine_torch import WEIGHTS_FILE
 from .errors import EdgeTradyError
-from .layers import BYTES_PER_UNIT, LayerCost
+from .layers import LayerCost
 from .selection import Selection
 from .sparse_ops import (
     ROLE_ATTR,
@@ -77,6 +78,13 @@ class _Trainable(nn.Module):
 
     def close(self) -> None:
         self.free = self.free_bias = None
+
+    def grad_bytes(self) -> int:
+        """Bytes of this layer's gradient (the trained entries)."""
+        weight = self.layer.weight
+        count = math.prod(self.part.shape) if self.part is not None else 0
+        count += weight.shape[0] if self.train_bias else 0
+        return count * weight.element_size()
 
     def sgd_(self, grads: Iterator[Tensor | None], lr: float) -> None:
         """Apply this layer's gradients, taken from ``grads`` in ``open`` order."""
@@ -155,26 +163,24 @@ def conv_geometry(conv: nn.Conv2d) -> ConvGeometry:
         raise EdgeTradyError(f"torch-sparse: unsupported static padding {type(static).__name__}")
     if padding == "valid":
         padding = (0, 0)
-    elif padding == "same":
-        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
-        pad, padding = (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2), (0, 0)
+    elif padding == "same":  # as torch does it: the odd pixel goes right / bottom
+        height, width = (d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True))
+        pad, padding = (width // 2, width - width // 2, height // 2, height - height // 2), (0, 0)
     if pad is not None and min(pad) < 0:
         raise EdgeTradyError("torch-sparse: negative (cropping) padding is not supported")
     return ConvGeometry(tuple(conv.stride), tuple(padding), tuple(conv.dilation), conv.groups, pad)
 
 
-def sparse_view(model: nn.Module, classifier: str, packed_masks: bool) -> tuple[nn.Module, dict[str, _Trainable]]:
-    """A copy of ``model``'s module tree sharing its tensors, with sparse-aware modules substituted.
-
-    Returns the copy and its Conv2d/Linear wrappers by qualified name.
-    """
+def sparse_view(model: nn.Module, classifier: str, packed: bool) -> tuple[nn.Module, dict[str, _Trainable]]:
+    """A copy of ``model``'s module tree sharing its tensors, with sparse-aware modules substituted;
+    also returns the Conv2d/Linear wrappers by qualified name. ``packed``: 1-bit activation masks."""
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     net = copy.deepcopy(model, memo=shared).eval()
     replaced: dict[int, nn.Module] = {}
     trainable: dict[str, _Trainable] = {}
     for name, module in list(net.named_modules(remove_duplicate=False)):
         if id(module) not in replaced:
-            substitute = _substitute(module, name == classifier, packed_masks)
+            substitute = _substitute(module, name == classifier, packed)
             if substitute is None:
                 continue
             replaced[id(module)] = substitute
@@ -185,7 +191,7 @@ def sparse_view(model: nn.Module, classifier: str, packed_masks: bool) -> tuple[
     return net, trainable
 
 
-def _substitute(module: nn.Module, is_classifier: bool, packed_masks: bool) -> nn.Module | None:
+def _substitute(module: nn.Module, is_classifier: bool, packed: bool) -> nn.Module | None:
     if isinstance(module, nn.Conv2d):
         return _Conv2d(module)
     if isinstance(module, nn.Linear):
@@ -195,9 +201,9 @@ def _substitute(module: nn.Module, is_classifier: bool, packed_masks: bool) -> n
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return _BatchNorm(module)
     if isinstance(module, nn.ReLU):
-        return _Clamp(0.0, None, packed_masks)
+        return _Clamp(0.0, None, packed)
     if isinstance(module, nn.Hardtanh):  # ReLU6 too
-        return _Clamp(module.min_val, module.max_val, packed_masks)
+        return _Clamp(module.min_val, module.max_val, packed)
     return None
 
 
@@ -287,15 +293,18 @@ class TorchSparseEngine:
         """Bytes one step on this batch keeps for backward (``SavedTensorLedger`` roles), plus the
         gradient leaves: ``weight_grads`` (selected entries) and ``classifier_grads`` (head)."""
         shared = itertools.chain(self.model.parameters(), self.model.buffers())
-        with self._leaves() as leaves, SavedTensorLedger(shared) as ledger:
-            F.cross_entropy(self.net(torch.from_numpy(x)), torch.from_numpy(y))
-            totals = ledger.totals()
-            head = self.trainable[self.classifier]
-            head_leaves = [head.free, head.free_bias]
-            head_bytes = sum(t.numel() * BYTES_PER_UNIT for t in head_leaves if t is not None)
-            totals["weight_grads"] = sum(t.numel() * BYTES_PER_UNIT for t in leaves) - head_bytes
-            totals["classifier_grads"] = head_bytes
+        with SavedTensorLedger(shared) as ledger:
+            self.forward_loss(x, y)
+        head = self.trainable[self.classifier]
+        totals = ledger.totals()
+        totals["weight_grads"] = sum(m.grad_bytes() for m in self.active if m is not head)
+        totals["classifier_grads"] = head.grad_bytes()
         return totals
+
+    def forward_loss(self, x: np.ndarray, y: np.ndarray) -> Tensor:
+        """The loss of a training step's forward, with its graph (for tracing what autograd saves)."""
+        with self._leaves():
+            return F.cross_entropy(self.net(torch.from_numpy(x)), torch.from_numpy(y))
 
     @contextmanager
     def _leaves(self) -> Iterator[list[Tensor]]:

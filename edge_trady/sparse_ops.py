@@ -40,7 +40,7 @@ class WeightSlice:
     ``s % (C/g)``: shape ``[|S|, C'/g, kh, kw]``. ``channels=None``: the whole weight.
     """
 
-    def __init__(self, weight_shape: torch.Size, channels: Tensor | None, groups: int = 1) -> None:
+    def __init__(self, weight_shape: torch.Size, channels: Tensor | None, groups: int) -> None:
         self.channels = channels
         self.outputs: Tensor | None = None  # grouped: the output channel of each row
         self.rows: Tensor | None = None
@@ -62,19 +62,23 @@ class WeightSlice:
         """The selected entries (a view of the weight when every channel is selected)."""
         if self.rows is None:
             return weight.detach()
-        return weight.detach().view(len(weight) * weight.shape[1], -1).index_select(0, self.rows).view(self.shape)
+        return _as_rows(weight.detach()).index_select(0, self.rows).view(self.shape)
 
     def sgd_(self, weight: Tensor, grad: Tensor, lr: float) -> None:
         """``weight[selected] -= lr * grad``; every other entry is left untouched."""
         if self.rows is None:
             weight.add_(grad, alpha=-lr)
-            return
-        flat = weight.view(len(weight) * weight.shape[1], -1)
-        flat.index_add_(0, self.rows, grad.reshape(len(self.rows), -1), alpha=-lr)
+        else:
+            _as_rows(weight).index_add_(0, self.rows, grad.reshape(len(self.rows), -1), alpha=-lr)
 
     def keep(self, x: Tensor, role: str) -> Tensor:
         """What the weight gradient needs from the input: its selected channels."""
         return _tag(x if self.channels is None else x.index_select(1, self.channels), role)
+
+
+def _as_rows(weight: Tensor) -> Tensor:
+    """``[C', C/g, kh, kw]`` as ``[C' * C/g, kh * kw]`` (linear: ``[C' * C, 1]``), sharing storage."""
+    return weight.view(weight.shape[0] * weight.shape[1], -1)
 
 
 @dataclass(frozen=True)
@@ -181,7 +185,7 @@ class ClampMask(Function):
         (mask,) = ctx.saved_tensors
         if ctx.packed:
             mask = unpack_bits(mask, ctx.shape)
-        return torch.where(mask, grad, 0.0), None, None, None
+        return grad * mask, None, None, None
 
 
 def pack_bits(mask: Tensor) -> Tensor:

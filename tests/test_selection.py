@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from edge_trady.errors import EdgeTradyError
 from edge_trady.layers import LayerCost
 from edge_trady.masks import channel_mask
 from edge_trady.selection import METHODS, CandidateLayer, ChannelSampler, candidate_names
@@ -85,7 +86,7 @@ def test_candidates_follow_method_pool() -> None:
     assert candidate_names("trady", layers, ["l3", "l1"]) == ["l1", "l3"]
     assert candidate_names("d-full-random", layers, None) == layers
     assert candidate_names("classifier-only", layers, None) == []
-    with pytest.raises(ValueError, match="ranking"):
+    with pytest.raises(EdgeTradyError, match="ranking"):
         candidate_names("trady", layers, None)
     assert set(METHODS) >= {
         "trady",

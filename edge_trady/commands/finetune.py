@@ -38,7 +38,7 @@ from .options import data_options, model_options, selection_options, training_op
     help="Output folder: model.pt (or model.onnx), metrics.jsonl, selection.jsonl, "
     "summary.json, checkpoints/.",
 )
-@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out (a fresh start if there is none).")
 @click.option(
     "--checkpoint-every",
     type=click.IntRange(0),

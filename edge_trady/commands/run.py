@@ -37,7 +37,7 @@ import click
     help="Run folder: metrics.jsonl, selection.jsonl, checkpoints/, then model.onnx, model.json and "
     "summary.json.",
 )
-@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out.")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out (a fresh start if there is none).")
 @click.option(
     "--force",
     is_flag=True,
