@@ -5,7 +5,9 @@ Rows already in the CSV are skipped, so an interrupted run continues where it st
 
     python bench/reproduce.py --per-class 200 --image-size 48 --epochs 4 --seeds 0 1 2
 
-Writes bench/results/reproduce.csv, bench/results/reproduce.png and docs/reproduction.md.
+Writes bench/results/reproduce.csv, bench/results/reproduce.png and docs/reproduction.md. Seeds can run
+in parallel processes with their own CSVs (``--csv bench/results/reproduce-s1.csv``); the report merges
+every ``bench/results/reproduce*.csv``.
 """
 
 from __future__ import annotations
@@ -22,14 +24,22 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 BUDGETED = ["trady", "s-topk-random", "d-full-random", "s-full-random", "d-det-rgn"]
 REFERENCES = ["full", "classifier-only"]
-FIELDS = ["method", "budget", "seed", "val_acc", "initial_val_acc", "train_loss", "units_used", "budget_units",
-          "full_units", "seconds"]  # fmt: skip
+FIELDS = [
+    "method",
+    "budget",
+    "seed",
+    "val_acc",
+    "initial_val_acc",
+    "train_loss",
+    "units_used",
+    "budget_units",
+    "full_units",
+    "seconds",
+]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-class", type=int, default=200, help="train and test images per class")
     parser.add_argument("--image-size", type=int, default=48)
     parser.add_argument("--epochs", type=int, default=4)
@@ -41,7 +51,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.report_only:
         run_all(args)
-    rows = _read(args.csv)
+    rows = [row for path in sorted(RESULTS.glob("reproduce*.csv")) for row in _read(path)]
     write_report(rows, args)
 
 
@@ -52,12 +62,33 @@ def run_all(args: argparse.Namespace) -> None:
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     ranking = RESULTS / f"ranking-efficientnet-lite0-{args.image_size}px.json"
     if not ranking.exists():  # ranked once per architecture, on a disjoint subset (seed 100)
-        subprocess.run([sys.executable, "-m", "edge_trady", "rank", "--model", "efficientnet-lite0",
-                        "--data", "fashion-mnist", "--per-class", "50", "--image-size", str(args.image_size),
-                        "--epochs", "1", "--lr", "0.01", "--seed", "100", "-o", str(ranking)], check=True)  # fmt: skip
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "edge_trady",
+                "rank",
+                "--model",
+                "efficientnet-lite0",
+                "--data",
+                "fashion-mnist",
+                "--per-class",
+                "50",
+                "--image-size",
+                str(args.image_size),
+                "--epochs",
+                "1",
+                "--lr",
+                "0.01",
+                "--seed",
+                "100",
+                "-o",
+                str(ranking),
+            ],
+            check=True,
+        )
     done = {(r["method"], r["budget"], r["seed"]) for r in _read(args.csv)}
-    jobs = [(m, b, s) for s in args.seeds for m in args.methods
-            for b in (args.budgets if m in BUDGETED else ["-"])]  # fmt: skip
+    jobs = [(m, b, s) for s in args.seeds for m in args.methods for b in (args.budgets if m in BUDGETED else ["-"])]
     new = not args.csv.exists()
     with args.csv.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, FIELDS)
@@ -67,20 +98,40 @@ def run_all(args: argparse.Namespace) -> None:
             if (method, budget, str(seed)) in done:
                 continue
             started = time.monotonic()
-            spec = FinetuneSpec(model="efficientnet-lite0", data="fashion-mnist", image_size=args.image_size,
-                                per_class=args.per_class, method=method,
-                                budget=budget if budget != "-" else "100%", epochs=args.epochs,
-                                seed=seed, ranking=str(ranking))  # fmt: skip
+            spec = FinetuneSpec(
+                model="efficientnet-lite0",
+                data="fashion-mnist",
+                image_size=args.image_size,
+                per_class=args.per_class,
+                method=method,
+                budget=budget if budget != "-" else "100%",
+                epochs=args.epochs,
+                seed=seed,
+                ranking=str(ranking),
+            )
             out = RESULTS / "runs" / f"{method}-{budget}-{seed}"
             result = run_finetune(spec, out, Progress(quiet=True))
             last = result.epochs[-1]
-            writer.writerow({"method": method, "budget": budget, "seed": seed, "val_acc": last["val_acc"],
-                             "initial_val_acc": result.initial_val_acc, "train_loss": last["train_loss"],
-                             "units_used": last["units_used"], "budget_units": last["budget_units"],
-                             "full_units": result.full_units, "seconds": time.monotonic() - started})  # fmt: skip
+            writer.writerow(
+                {
+                    "method": method,
+                    "budget": budget,
+                    "seed": seed,
+                    "val_acc": last["val_acc"],
+                    "initial_val_acc": result.initial_val_acc,
+                    "train_loss": last["train_loss"],
+                    "units_used": last["units_used"],
+                    "budget_units": last["budget_units"],
+                    "full_units": result.full_units,
+                    "seconds": time.monotonic() - started,
+                }
+            )
             handle.flush()
-            print(f"[{i + 1}/{len(jobs)}] {method:16} {budget:>5} seed {seed}: val_acc {last['val_acc']:.4f} "
-                  f"({time.monotonic() - started:.0f}s)", flush=True)  # fmt: skip
+            print(
+                f"[{i + 1}/{len(jobs)}] {method:16} {budget:>5} seed {seed}: val_acc {last['val_acc']:.4f} "
+                f"({time.monotonic() - started:.0f}s)",
+                flush=True,
+            )
 
 
 def _read(path: Path) -> list[dict]:
@@ -104,8 +155,10 @@ def write_report(rows: list[dict], args: argparse.Namespace) -> None:
         return f"{statistics.mean(values):.2f} ± {std:.2f} (n={len(values)})"
 
     full_units = int(rows[0]["full_units"]) if rows else 0
-    lines = ["| method | " + " | ".join(f"budget {b}" for b in budgets) + " |",
-             "|---|" + "---|" * len(budgets)]  # fmt: skip
+    lines = [
+        "| method | " + " | ".join(f"budget {b}" for b in budgets) + " |",
+        "|---|" + "---|" * len(budgets),
+    ]
     for method in methods:
         if method in REFERENCES:
             lines.append(f"| {method} | " + " | ".join([fmt(cell.get((method, "-")))] * len(budgets)) + " |")
@@ -113,9 +166,15 @@ def write_report(rows: list[dict], args: argparse.Namespace) -> None:
             lines.append(f"| {method} | " + " | ".join(fmt(cell.get((method, b))) for b in budgets) + " |")
     table = "\n".join(lines)
     print(table)
-    command = " ".join(["python bench/reproduce.py", f"--per-class {args.per_class}",
-                        f"--image-size {args.image_size}", f"--epochs {args.epochs}",
-                        "--seeds " + " ".join(map(str, args.seeds))])  # fmt: skip
+    command = " ".join(
+        [
+            "python bench/reproduce.py",
+            f"--per-class {args.per_class}",
+            f"--image-size {args.image_size}",
+            f"--epochs {args.epochs}",
+            "--seeds " + " ".join(map(str, args.seeds)),
+        ]
+    )
     (ROOT / "docs").mkdir(exist_ok=True)
     report = ROOT / "docs" / "reproduction.md"
     body = report.read_text().split("<!-- table -->")[-1] if report.exists() else "\n"

@@ -47,9 +47,7 @@ def parse_budget(text: str) -> Budget:
     """``"27946"`` -> units, ``"110KiB"``/``"64MB"`` -> bytes, ``"2%"`` -> share of full FT."""
     match = _PATTERN.match(str(text))
     if not match:
-        raise EdgeTradyError(
-            f"cannot read budget {text!r}: use units (27946), bytes (110KiB, 64MiB) or a share (2%)"
-        )
+        raise EdgeTradyError(f"cannot read budget {text!r}: use units (27946), bytes (110KiB, 64MiB) or a share (2%)")
     number, suffix = float(match.group(1)), match.group(2).lower()
     if suffix in ("", "u", "units"):
         return Budget(number, "units")

@@ -24,9 +24,7 @@ def trace_layers(model: nn.Module, image_size: int) -> list[LayerCost]:
         seen[name] = _layer_cost(name, module, inputs[0], output)
         order.append(name)
 
-    handles = [
-        m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
-    ]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     was_training = model.training
     try:
         model.eval()

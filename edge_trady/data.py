@@ -111,9 +111,7 @@ class Dataset:
         x /= (255 * np.asarray(self.normalization.std, np.float32))[:, None, None]
         return x, self.labels[indices]
 
-    def batches(
-        self, batch_size: int, order: np.ndarray
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def batches(self, batch_size: int, order: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Consecutive batches following `order`; last partial batch kept."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -202,9 +200,7 @@ def _open(spec: str, split: str) -> _Source:
     raise DataError(f"{spec}: {problem}; expected {SPEC_FORMS}")
 
 
-def _holdout(
-    labels: np.ndarray, num_classes: int, split: str, seed: int, val_fraction: float
-) -> np.ndarray:
+def _holdout(labels: np.ndarray, num_classes: int, split: str, seed: int, val_fraction: float) -> np.ndarray:
     """Sorted indices of a split: ``val_fraction`` of each class (at least 1 of 2+) is val."""
     rng = np.random.default_rng([seed, _HOLDOUT_STREAM])
     parts = []
@@ -216,14 +212,10 @@ def _holdout(
     return np.sort(np.concatenate(parts))
 
 
-def _subset(
-    labels: np.ndarray, candidates: np.ndarray, num_classes: int, per_class: int, seed: int
-) -> np.ndarray:
+def _subset(labels: np.ndarray, candidates: np.ndarray, num_classes: int, per_class: int, seed: int) -> np.ndarray:
     """Sorted seeded random subset of ``candidates`` with at most ``per_class`` per class."""
     rng = np.random.default_rng([seed, _SUBSET_STREAM])
-    parts = [
-        rng.permutation(candidates[labels[candidates] == c])[:per_class] for c in range(num_classes)
-    ]
+    parts = [rng.permutation(candidates[labels[candidates] == c])[:per_class] for c in range(num_classes)]
     return np.sort(np.concatenate(parts))
 
 
@@ -269,10 +261,7 @@ def _open_fashion_mnist(directory: Path, split: str) -> _Source:
     def read(indices: np.ndarray, size: int) -> np.ndarray:
         images = _read_idx(images_path, 3)
         if len(images) != len(labels):
-            raise DataError(
-                f"{images_path}: {len(images)} images but {labels_path.name} "
-                f"has {len(labels)} labels"
-            )
+            raise DataError(f"{images_path}: {len(images)} images but {labels_path.name} has {len(labels)} labels")
         return _fit_arrays(images[indices][..., None], size)
 
     return _Source(labels, list(FASHION_MNIST_CLASSES), read, False, f"fashion-mnist {directory}")
@@ -423,8 +412,7 @@ def _npz_images(x: np.ndarray, path: Path, key: str) -> np.ndarray:
         x = x.transpose(0, 2, 3, 1)
     if x.ndim != 4 or x.shape[-1] not in (1, 3):
         raise DataError(
-            f"{path}: '{key}' has shape {shape}; expected [N, H, W], [N, H, W, C] "
-            "or [N, C, H, W] with C = 1 or 3"
+            f"{path}: '{key}' has shape {shape}; expected [N, H, W], [N, H, W, C] or [N, C, H, W] with C = 1 or 3"
         )
     if x.dtype == np.uint8:
         return x

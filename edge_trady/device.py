@@ -120,9 +120,7 @@ def _validate(data: Any, where: str) -> None:
         )
     unknown = sorted(set(data) - set(_FIELDS))
     if unknown:
-        raise ProfileError(
-            f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(_FIELDS)}"
-        )
+        raise ProfileError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(_FIELDS)}")
     missing = [name for name in _REQUIRED if name not in data]
     if missing:
         raise ProfileError(f"{where}: missing field(s) {', '.join(map(repr, missing))}")
@@ -186,9 +184,7 @@ def load_profile(name_or_path: str) -> DeviceProfile:
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ProfileError(
-            f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
-        ) from None
+        raise ProfileError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ProfileError(f"{path}: cannot read: {exc}") from None
     _validate(data, str(path))
@@ -247,11 +243,7 @@ def _probe_script(engine: str) -> str:
             "providers=['CPUExecutionProvider'])\n"
             "s.run(None, {'X': numpy.ones((1, 3, 16, 16), numpy.float32)})\n"
         ),
-        "torch": (
-            "import torch\n"
-            "conv = torch.nn.Conv2d(3, 8, 3)\n"
-            "conv(torch.randn(1, 3, 16, 16)).sum().backward()\n"
-        ),
+        "torch": ("import torch\nconv = torch.nn.Conv2d(3, 8, 3)\nconv(torch.randn(1, 3, 16, 16)).sum().backward()\n"),
     }[engine]
     # Block torch outside its own probe: onnxruntime-training's `import onnxruntime` imports torch
     # (for ORTModule) whenever it can, which a torch-free device runner does not pay for.
@@ -380,10 +372,7 @@ def _cpu_model() -> str:
         if sep:
             info.setdefault(key.strip().lower(), value.strip())
     model = (
-        _ARM_PARTS.get(info.get("cpu part", "").lower())
-        or info.get("model name")
-        or platform.processor()
-        or "unknown"
+        _ARM_PARTS.get(info.get("cpu part", "").lower()) or info.get("model name") or platform.processor() or "unknown"
     )
     board = (_read(Path("/proc/device-tree/model")) or "").rstrip("\x00")
     return f"{model} ({board})" if board else model

@@ -77,9 +77,7 @@ class OrtEngine:
     def set_selection(self, selection: Selection) -> None:
         unknown = set(selection.channels) - set(self.layers)
         if unknown:
-            raise ArtifactError(
-                f"layer {sorted(unknown)[0]!r} is selected but is not trainable in this artifact"
-            )
+            raise ArtifactError(f"layer {sorted(unknown)[0]!r} is selected but is not trainable in this artifact")
         for mask, layer in self.layout.masks.items():
             channels = selection.channels.get(layer, np.zeros(0, dtype=np.int64))
             self._masks[mask] = channel_mask(self.layers[layer], channels)

@@ -254,9 +254,7 @@ class TorchSparseEngine:
 
     name = "torch-sparse"
 
-    def __init__(
-        self, model: nn.Module, layers: list[LayerCost], classifier: str, packed_masks: bool = False
-    ) -> None:
+    def __init__(self, model: nn.Module, layers: list[LayerCost], classifier: str, packed_masks: bool = False) -> None:
         self.model = model.eval()
         self.layers = {layer.name: layer for layer in layers}
         self.classifier = classifier

@@ -79,13 +79,10 @@ def prepare(spec: FinetuneSpec) -> Prepared:
     )
     val_spec = spec.val_data or spec.data
     val_per_class = spec.val_per_class if spec.val_per_class is not None else spec.per_class
-    val_data = load_dataset(
-        val_spec, "val", spec.image_size, train_data.normalization, val_per_class, spec.seed
-    )
+    val_data = load_dataset(val_spec, "val", spec.image_size, train_data.normalization, val_per_class, spec.seed)
     if val_data.num_classes != train_data.num_classes:
         raise EdgeTradyError(
-            f"validation data has {val_data.num_classes} classes, training data "
-            f"{train_data.num_classes} ({val_spec})"
+            f"validation data has {val_data.num_classes} classes, training data {train_data.num_classes} ({val_spec})"
         )
     built = build_model(spec.model, train_data.num_classes, spec.image_size, spec.seed)
     layers = trace_layers(built.module, spec.image_size)
@@ -95,9 +92,7 @@ def prepare(spec: FinetuneSpec) -> Prepared:
 
 
 def make_sampler(prep: Prepared, spec: FinetuneSpec, top_k: list[str] | None) -> ChannelSampler:
-    return channel_sampler(
-        spec.method, prep.candidates, top_k, prep.budget, spec.batch_size, spec.seed, spec.overflow
-    )
+    return channel_sampler(spec.method, prep.candidates, top_k, prep.budget, spec.batch_size, spec.seed, spec.overflow)
 
 
 def compute_ranking(prep: Prepared, spec: FinetuneSpec, progress: Progress, score: str = "rgn") -> Ranking:
@@ -189,9 +184,7 @@ class FinetuneResult:
     epochs: list[dict] = field(default_factory=list)
 
 
-def run_finetune(
-    spec: FinetuneSpec, out_dir: Path, progress: Progress, resume: bool = False
-) -> FinetuneResult:
+def run_finetune(spec: FinetuneSpec, out_dir: Path, progress: Progress, resume: bool = False) -> FinetuneResult:
     started = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
     prep = prepare(spec)

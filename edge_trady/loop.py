@@ -128,9 +128,7 @@ def train(
     return read_jsonl(log.metrics_path)
 
 
-def _epoch_selection(
-    sampler: ChannelSampler, state: LoopState, epoch: int, score_fn: ScoreFn | None
-) -> Selection:
+def _epoch_selection(sampler: ChannelSampler, state: LoopState, epoch: int, score_fn: ScoreFn | None) -> Selection:
     if state.selection is not None and state.step_in_epoch > 0:
         return Selection.from_json(state.selection)
     scores = score_fn(epoch) if sampler.needs_scores and score_fn is not None else None

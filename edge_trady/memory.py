@@ -51,8 +51,9 @@ class MemoryEstimate:
         rows = [f"{'part':<{width}}  {'phase':<6}  {'bytes':>11}  note"]
         for part in self.parts:
             rows.append(f"{part.name:<{width}}  {part.phase:<6}  {format_bytes(part.bytes):>11}  {part.note}")
-        rows.append(f"{'predicted peak':<{width}}  {'':<6}  {format_bytes(self.peak_bytes):>11}  "
-                    "always + max(load, train)")  # fmt: skip
+        rows.append(
+            f"{'predicted peak':<{width}}  {'':<6}  {format_bytes(self.peak_bytes):>11}  always + max(load, train)"
+        )
         return "\n".join(rows)
 
     def to_dict(self) -> dict:
@@ -104,18 +105,33 @@ def estimate_memory(engine: str, shape: RunShape) -> MemoryEstimate:
         "torch-sparse": "selected input channels + ReLU masks (traced)",
         "ort": "training graph tensors kept for backward (traced)",
     }[engine]
-    return MemoryEstimate(engine, [
-        MemoryPart("runtime baseline", shape.runtime_baseline_bytes, "always",
-                   f"fresh process with the {engine} engine loaded (device profile)"),
-        MemoryPart("frozen weights", int(weights), "always", "parameters and buffers"),
-        MemoryPart("data set", shape.dataset_bytes, "always", "decoded uint8 images (train + val)"),
-        MemoryPart("data loading", shape.data_load_bytes, "load", "source files while decoding"),
-        MemoryPart("batch buffers", 2 * b * shape.input_bytes_per_sample, "train", "float32 input batch"),
-        MemoryPart("forward working set", b * shape.forward_peak_per_sample, "train",
-                   "largest layer input + output"),
-        MemoryPart("stored activations + backprop chain", saved, "train", kept_note),
-        MemoryPart("gradient buffers", shape.gradient_bytes, "train", "weight gradients"),
-        MemoryPart("backward transient", 2 * b * shape.largest_activation_per_sample, "train",
-                   "activation gradients of the widest layer"),
-        MemoryPart("optimizer state", 0, "train", "plain SGD keeps none"),
-    ])  # fmt: skip
+    return MemoryEstimate(
+        engine,
+        [
+            MemoryPart(
+                "runtime baseline",
+                shape.runtime_baseline_bytes,
+                "always",
+                f"fresh process with the {engine} engine loaded (device profile)",
+            ),
+            MemoryPart("frozen weights", int(weights), "always", "parameters and buffers"),
+            MemoryPart("data set", shape.dataset_bytes, "always", "decoded uint8 images (train + val)"),
+            MemoryPart("data loading", shape.data_load_bytes, "load", "source files while decoding"),
+            MemoryPart("batch buffers", 2 * b * shape.input_bytes_per_sample, "train", "float32 input batch"),
+            MemoryPart(
+                "forward working set",
+                b * shape.forward_peak_per_sample,
+                "train",
+                "largest layer input + output",
+            ),
+            MemoryPart("stored activations + backprop chain", saved, "train", kept_note),
+            MemoryPart("gradient buffers", shape.gradient_bytes, "train", "weight gradients"),
+            MemoryPart(
+                "backward transient",
+                2 * b * shape.largest_activation_per_sample,
+                "train",
+                "activation gradients of the widest layer",
+            ),
+            MemoryPart("optimizer state", 0, "train", "plain SGD keeps none"),
+        ],
+    )

@@ -122,8 +122,7 @@ def _check_layers(model: nn.Module, costs: dict[str, LayerCost], masked: list[st
             raise ArtifactError(f"trainable layer {name!r}: the model has no such layer")
         if not isinstance(module, (nn.Conv2d, nn.Linear)):
             raise ArtifactError(
-                f"trainable layer {name!r} is a {type(module).__name__}: only Conv2d and "
-                "Linear weights can be trained"
+                f"trainable layer {name!r} is a {type(module).__name__}: only Conv2d and Linear weights can be trained"
             )
         if name not in costs:
             raise ArtifactError(f"trainable layer {name!r} has no LayerCost (trace it first)")
@@ -173,8 +172,7 @@ def _export_copy(model: nn.Module, trained: set[str]) -> nn.Module:
             continue
         if not isinstance(module, nn.BatchNorm2d) or not module.track_running_stats:
             raise ArtifactError(
-                f"layer {name!r} ({type(module).__name__}): only BatchNorm2d with running "
-                "statistics can be exported"
+                f"layer {name!r} ({type(module).__name__}): only BatchNorm2d with running statistics can be exported"
             )
         with torch.no_grad():
             scale = module.running_var.add(module.eps).rsqrt()
@@ -281,12 +279,7 @@ def _zero_hw_pads(pad: onnx.NodeProto, consts: dict[str, onnx.NodeProto]) -> tup
 def _plain_conv_reading(node: onnx.NodeProto, name: str) -> bool:
     """True if ``node`` is a Conv without auto_pad that reads ``name`` as its data input only."""
     auto_pad = next((a.s for a in node.attribute if a.name == "auto_pad"), b"NOTSET")
-    return (
-        node.op_type == "Conv"
-        and auto_pad == b"NOTSET"
-        and node.input[0] == name
-        and name not in node.input[1:]
-    )
+    return node.op_type == "Conv" and auto_pad == b"NOTSET" and node.input[0] == name and name not in node.input[1:]
 
 
 def _constant(consts: dict[str, onnx.NodeProto], name: str) -> np.ndarray | None:

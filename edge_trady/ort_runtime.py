@@ -30,11 +30,7 @@ def ort_bindings() -> ModuleType:
     (+220 MB RSS, +1.2 s here). They are hidden during that first import, so the check fails
     quietly as it does on a device without torch; importing them later still works.
     """
-    hidden = (
-        []
-        if "onnxruntime" in sys.modules
-        else [name for name in _HIDDEN_ON_IMPORT if name not in sys.modules]
-    )
+    hidden = [] if "onnxruntime" in sys.modules else [name for name in _HIDDEN_ON_IMPORT if name not in sys.modules]
     for name in hidden:
         sys.modules[name] = None  # type: ignore[assignment]
     try:

@@ -66,17 +66,26 @@ class Plan:
 
     def budget_text(self) -> str:
         """The budget as ``finetune --budget`` reads it."""
-        return f"{int(self.budget)}B" if self.budget_unit == "bytes" else f"{self.budget:.6g}"
+        return f"{int(self.budget)}B" if self.budget_unit == "bytes" else f"{self.budget:.3f}"
 
     def finetune_fields(self) -> dict:
         """Keyword arguments of FinetuneSpec for the run this plan describes."""
         return {
-            "model": self.model, "image_size": self.image_size, "method": self.method,
-            "budget": self.budget_text(), "epochs": self.epochs, "batch_size": self.batch_size,
-            "lr": self.lr, "warmup_epochs": self.warmup_epochs, "seed": self.seed,
-            "overflow": self.overflow, "top_k": [layer["name"] for layer in self.layers],
-            "engine": self.engine, "data": self.data.get("spec"), "per_class": self.data.get("per_class"),
-        }  # fmt: skip
+            "model": self.model,
+            "image_size": self.image_size,
+            "method": self.method,
+            "budget": self.budget_text(),
+            "epochs": self.epochs,
+            "batch_size": self.batch_size,
+            "lr": self.lr,
+            "warmup_epochs": self.warmup_epochs,
+            "seed": self.seed,
+            "overflow": self.overflow,
+            "top_k": [layer["name"] for layer in self.layers],
+            "engine": self.engine,
+            "data": self.data.get("spec"),
+            "per_class": self.data.get("per_class"),
+        }
 
     def save(self, path: Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")

@@ -76,19 +76,35 @@ def make_plan(req: PlanRequest, progress: Progress) -> Plan:
     else:
         amount, unit, estimate, notes = _largest_fitting(req, setup, full, baseline, usable)
     return Plan(
-        model=req.model, num_classes=setup.built.num_classes, image_size=req.image_size,
-        normalization=model_normalization(req.model).to_dict(), batch_size=req.batch_size,
-        engine=req.engine, method=req.method if amount > 0 else "classifier-only", seed=req.seed,
-        overflow=req.overflow, epochs=req.epochs, lr=req.lr, warmup_epochs=req.warmup_epochs,
+        model=req.model,
+        num_classes=setup.built.num_classes,
+        image_size=req.image_size,
+        normalization=model_normalization(req.model).to_dict(),
+        batch_size=req.batch_size,
+        engine=req.engine,
+        method=req.method if amount > 0 else "classifier-only",
+        seed=req.seed,
+        overflow=req.overflow,
+        epochs=req.epochs,
+        lr=req.lr,
+        warmup_epochs=req.warmup_epochs,
         layers=[layer.to_dict() for layer in setup.candidates],
         classifier=next(x for x in setup.layers if x.name == setup.built.classifier).to_dict(),
-        budget=amount, budget_unit=unit,
-        ranking={"threshold": req.threshold, "k": len(setup.candidates), "rule": req.k_rule,
-                 "source": setup.ranking.source if setup.ranking else None},
-        memory=estimate.to_dict(), profile=req.profile.to_dict(), usable_memory_bytes=usable,
+        budget=amount,
+        budget_unit=unit,
+        ranking={
+            "threshold": req.threshold,
+            "k": len(setup.candidates),
+            "rule": req.k_rule,
+            "source": setup.ranking.source if setup.ranking else None,
+        },
+        memory=estimate.to_dict(),
+        profile=req.profile.to_dict(),
+        usable_memory_bytes=usable,
         data={"spec": req.data, "per_class": req.per_class, "dataset_bytes": setup.dataset_bytes},
-        class_names=setup.class_names, notes=notes,
-    )  # fmt: skip
+        class_names=setup.class_names,
+        notes=notes,
+    )
 
 
 def _setup(req: PlanRequest, progress: Progress) -> _Setup:
@@ -108,12 +124,18 @@ def _setup(req: PlanRequest, progress: Progress) -> _Setup:
     chosen = candidate_names(req.method, names, top_k)
     images = len(train) + len(val) if train and val else (req.train_images or DEFAULT_TRAIN_IMAGES)
     per_image = req.image_size * req.image_size * 3
-    load = (
-        max(load_transient_bytes(req.data, "train"), load_transient_bytes(req.data, "val")) if req.data else 0
-    )
+    load = max(load_transient_bytes(req.data, "train"), load_transient_bytes(req.data, "val")) if req.data else 0
     by_name = {layer.name: layer for layer in layers}
-    return _Setup(built, layers, [by_name[n] for n in chosen], ranking, train,
-                  train.class_names if train else None, images * per_image, load)  # fmt: skip
+    return _Setup(
+        built,
+        layers,
+        [by_name[n] for n in chosen],
+        ranking,
+        train,
+        train.class_names if train else None,
+        images * per_image,
+        load,
+    )
 
 
 def _ranking(req: PlanRequest, built, train, val, progress: Progress) -> Ranking | None:
@@ -125,9 +147,16 @@ def _ranking(req: PlanRequest, built, train, val, progress: Progress) -> Ranking
         raise PlanError(f"method {req.method!r} needs a layer ranking: give --ranking or --data")
     from .finetune import FinetuneSpec, Prepared, compute_ranking
 
-    spec = FinetuneSpec(model=req.model, data=req.data, image_size=req.image_size, per_class=req.per_class,
-                        batch_size=req.batch_size, seed=req.seed, rank_epochs=req.rank_epochs,
-                        threshold=req.threshold)  # fmt: skip
+    spec = FinetuneSpec(
+        model=req.model,
+        data=req.data,
+        image_size=req.image_size,
+        per_class=req.per_class,
+        batch_size=req.batch_size,
+        seed=req.seed,
+        rank_epochs=req.rank_epochs,
+        threshold=req.threshold,
+    )
     layers = trace_layers(built.module, req.image_size)
     prep = Prepared(built, layers, train, val, parse_budget("100%"), full_units(layers))
     progress.line(f"ranking layers ({req.rank_epochs} epoch(s) of full fine-tuning on {train.source})")
@@ -168,8 +197,14 @@ def _budget_bytes(setup: _Setup, req: PlanRequest, amount: float, unit: str) -> 
     return amount * ratio
 
 
-def _estimate(req: PlanRequest, setup: _Setup, fp: Footprint, baseline: int, budget_bytes: float,
-              engine: str | None = None) -> MemoryEstimate:  # fmt: skip
+def _estimate(
+    req: PlanRequest,
+    setup: _Setup,
+    fp: Footprint,
+    baseline: int,
+    budget_bytes: float,
+    engine: str | None = None,
+) -> MemoryEstimate:
     engine = engine or req.engine
     head = next(x for x in setup.layers if x.name == setup.built.classifier)
     head_bytes = (head.weight_count + head.out_channels) * 4
@@ -180,25 +215,34 @@ def _estimate(req: PlanRequest, setup: _Setup, fp: Footprint, baseline: int, bud
         saved_fixed = fp.saved_bytes_fixed
         gradients = fp.trainable_weight_bytes
     shape = RunShape(
-        batch_size=req.batch_size, weight_bytes=fp.weight_bytes, input_bytes_per_sample=fp.input_bytes_per_sample,
+        batch_size=req.batch_size,
+        weight_bytes=fp.weight_bytes,
+        input_bytes_per_sample=fp.input_bytes_per_sample,
         largest_activation_per_sample=fp.largest_activation_per_sample,
-        forward_peak_per_sample=fp.forward_peak_per_sample, saved_bytes_per_sample=fp.saved_bytes_per_sample,
-        saved_bytes_fixed=saved_fixed, gradient_bytes=gradients, dataset_bytes=setup.dataset_bytes,
-        data_load_bytes=setup.load_bytes, runtime_baseline_bytes=baseline,
-    )  # fmt: skip
+        forward_peak_per_sample=fp.forward_peak_per_sample,
+        saved_bytes_per_sample=fp.saved_bytes_per_sample,
+        saved_bytes_fixed=saved_fixed,
+        gradient_bytes=gradients,
+        dataset_bytes=setup.dataset_bytes,
+        data_load_bytes=setup.load_bytes,
+        runtime_baseline_bytes=baseline,
+    )
     return estimate_memory(engine, shape)
 
 
-def _largest_fitting(req: PlanRequest, setup: _Setup, full: Footprint, baseline: int,
-                     usable: int) -> tuple[float, str, MemoryEstimate, list[str]]:  # fmt: skip
+def _largest_fitting(
+    req: PlanRequest, setup: _Setup, full: Footprint, baseline: int, usable: int
+) -> tuple[float, str, MemoryEstimate, list[str]]:
     """The largest budget (bytes at the batch size) whose predicted peak fits ``usable``."""
     top = sum(layer.bytes_per_channel(req.batch_size) * layer.in_channels for layer in setup.candidates)
     if req.engine != "torch-sparse":
         estimate = _estimate(req, setup, full, baseline, top)
         if estimate.peak_bytes <= usable:
-            note = (f"the {req.engine} engine keeps the full inputs of every candidate layer whatever the "
-                    "budget, so the budget is every candidate channel; use --engine torch-sparse to trade "
-                    "budget for memory")  # fmt: skip
+            note = (
+                f"the {req.engine} engine keeps the full inputs of every candidate layer whatever the "
+                "budget, so the budget is every candidate channel; use --engine torch-sparse to trade "
+                "budget for memory"
+            )
             return float(top), "bytes", estimate, [note]
         head_only = _footprint(setup, req.engine, [], req.image_size)
         estimate = _estimate(req, setup, head_only, baseline, 0)
@@ -245,8 +289,16 @@ def _suggestions(req: PlanRequest, setup: _Setup, usable: int) -> list[str]:
             continue
         built = build_model(req.model, setup.built.num_classes, size, req.seed)
         layers = trace_layers(built.module, size)
-        smaller_setup = _Setup(built, layers, [], None, None, None, setup.dataset_bytes * size**2
-                               // req.image_size**2, setup.load_bytes)  # fmt: skip
+        smaller_setup = _Setup(
+            built,
+            layers,
+            [],
+            None,
+            None,
+            None,
+            setup.dataset_bytes * size**2 // req.image_size**2,
+            setup.load_bytes,
+        )
         fp = _footprint(smaller_setup, req.engine, [], size)
         sized = PlanRequest(**{**req.__dict__, "image_size": size})
         if _estimate(sized, smaller_setup, fp, baseline, 0).peak_bytes <= usable:

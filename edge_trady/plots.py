@@ -21,9 +21,7 @@ def plot_memory(estimate: MemoryEstimate, usable: int, title: str, path: Path) -
     ax.invert_yaxis()
     ax.set_xlabel("MiB")
     peak = estimate.peak_bytes / 2**20
-    ax.set_title(
-        f"{title}: predicted peak {peak:.0f} MiB of {usable / 2**20:.0f} MiB usable ({estimate.engine})"
-    )
+    ax.set_title(f"{title}: predicted peak {peak:.0f} MiB of {usable / 2**20:.0f} MiB usable ({estimate.engine})")
     for phase, color in colors.items():
         ax.bar(0, 0, color=color, label=phase)
     ax.legend(title="phase", loc="lower right")

@@ -16,7 +16,7 @@ from .data import Dataset, Normalization, load_dataset
 from .device import _cgroup_memory
 from .errors import DataError, MemoryGuardError, PlanError
 from .layers import LayerCost, channel_costs
-from .loop import TrainConfig, train
+from .loop import TrainConfig, evaluate, train
 from .manifest import Manifest, ModelInfo
 from .memwatch import current_rss_bytes, peak_rss_bytes
 from .plan import Plan
@@ -40,8 +40,7 @@ def channel_sampler(
     by_name = {layer.name: layer for layer in candidates}
     names = candidate_names(method, list(by_name), top_k)
     pool = [
-        CandidateLayer(n, by_name[n].in_channels, channel_costs(by_name[n], budget.unit, batch_size))
-        for n in names
+        CandidateLayer(n, by_name[n].in_channels, channel_costs(by_name[n], budget.unit, batch_size)) for n in names
     ]
     return ChannelSampler(method, pool, budget.amount, seed, overflow)
 
@@ -130,6 +129,7 @@ class RunSummary:
     epochs: int
     train_images: int
     val_images: int
+    initial_val_acc: float  # before training (or at the resumed checkpoint)
     final_train_loss: float
     final_train_acc: float
     final_val_loss: float
@@ -176,6 +176,7 @@ def run(request: RunRequest, progress: Progress) -> RunSummary:
         f"method {plan.method}, budget {Budget(plan.budget, plan.budget_unit)} "
         f"({len(sampler.layers)} candidate layers), predicted peak {format_bytes(plan.estimate.peak_bytes)}"
     )
+    _, initial_val_acc = evaluate(engine, val_data, plan.batch_size)
     epochs = train(engine, sampler, train_data, val_data, config, request.out, progress, None, request.resume)
     model = request.out / MODEL_FILE
     engine.export_inference(model)
@@ -188,6 +189,7 @@ def run(request: RunRequest, progress: Progress) -> RunSummary:
         epochs=len(epochs),
         train_images=len(train_data),
         val_images=len(val_data),
+        initial_val_acc=initial_val_acc,
         final_train_loss=last["train_loss"],
         final_train_acc=last["train_acc"],
         final_val_loss=last["val_loss"],

@@ -31,8 +31,6 @@ def default_warmup_epochs(epochs: int) -> int:
     return min(5, epochs // 10)
 
 
-def make_schedule(
-    base_lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: int | None
-) -> CosineSchedule:
+def make_schedule(base_lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: int | None) -> CosineSchedule:
     warmup = default_warmup_epochs(epochs) if warmup_epochs is None else warmup_epochs
     return CosineSchedule(base_lr, epochs * steps_per_epoch, warmup * steps_per_epoch)

@@ -180,8 +180,7 @@ class ChannelSampler:
         if scores is None:
             raise EdgeTradyError(f"method {self.method!r} needs per-channel gradient scores")
         flat = np.concatenate(
-            [np.asarray(scores[c.name], dtype=np.float64).reshape(c.channels) for c in self.layers]
-            or [np.zeros(0)]
+            [np.asarray(scores[c.name], dtype=np.float64).reshape(c.channels) for c in self.layers] or [np.zeros(0)]
         )
         return np.argsort(-flat, kind="stable")
 

@@ -28,9 +28,7 @@ BASE = [
 
 
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "edge_trady", *args], capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([sys.executable, "-m", "edge_trady", *args], capture_output=True, text=True, timeout=300)
 
 
 def _finetune(tmp_path: Path, name: str, *extra: str) -> Path:

@@ -167,9 +167,7 @@ def test_per_class_subset_sizes_determinism_and_nesting(tmp_path: Path) -> None:
     assert np.all(np.diff(first.labels) >= 0)  # classes keep their order
     again = load_dataset(str(root), "train", 4, IMAGENET, per_class=4, seed=7)
     assert np.array_equal(first.pixels, again.pixels)
-    other_seeds = [
-        load_dataset(str(root), "train", 4, IMAGENET, per_class=4, seed=s).pixels for s in range(8, 12)
-    ]
+    other_seeds = [load_dataset(str(root), "train", 4, IMAGENET, per_class=4, seed=s).pixels for s in range(8, 12)]
     assert any(not np.array_equal(first.pixels, o) for o in other_seeds)
 
 

@@ -191,9 +191,7 @@ def test_profile_runs_without_torch() -> None:
         "assert 'torch' not in p.runtime_baseline_bytes\n"
         "assert sys.modules['torch'] is None\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
 
 

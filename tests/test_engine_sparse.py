@@ -126,9 +126,7 @@ def test_grouped_convolutions_match_the_masked_engine() -> None:
     layers = trace_layers(model, 16)
     assert [layer.kind for layer in layers] == ["conv", "gconv", "gconv", "linear"]
     rng = np.random.default_rng(0)
-    selections = [
-        Selection(e, {layer.name: _pick(layer, rng, 0.4) for layer in layers[:3]}, 0.0) for e in range(3)
-    ]
+    selections = [Selection(e, {layer.name: _pick(layer, rng, 0.4) for layer in layers[:3]}, 0.0) for e in range(3)]
     selections[-1].channels[layers[1].name] = np.arange(layers[1].in_channels)  # a whole grouped conv
     masked, sparse = _twins(model, layers, classifier_name(model), packed_masks=True)
     _assert_same_training(masked, sparse, selections, size=16, lr=0.1)

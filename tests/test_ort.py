@@ -50,8 +50,7 @@ def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
 def _batches(count: int, n: int = 8, size: int = SIZE, classes: int = 10, seed: int = 1):
     rng = np.random.default_rng(seed)
     return [
-        (rng.standard_normal((n, 3, size, size), dtype=np.float32), rng.integers(0, classes, n))
-        for _ in range(count)
+        (rng.standard_normal((n, 3, size, size), dtype=np.float32), rng.integers(0, classes, n)) for _ in range(count)
     ]
 
 
@@ -63,9 +62,7 @@ def mobilenet(tmp_path_factory):
     model = _randomize(built.module)
     layers = trace_layers(model, SIZE)
     directory = tmp_path_factory.mktemp("artifact")
-    layout = export_training_artifact(
-        model, layers, [DW, PW, PROJECT, IDLE], built.classifier, SIZE, directory
-    )
+    layout = export_training_artifact(model, layers, [DW, PW, PROJECT, IDLE], built.classifier, SIZE, directory)
     return model, layers, layout, directory
 
 
@@ -145,9 +142,7 @@ print(round(loss, 3), engine.predict(x).shape)
 """
     blocked = "import sys; sys.modules['torch'] = None; import edge_trady.engine_ort"
     subprocess.run([sys.executable, "-c", blocked], check=True, cwd=REPO)
-    done = subprocess.run(
-        [sys.executable, "-c", script], check=True, cwd=REPO, capture_output=True, text=True
-    )
+    done = subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO, capture_output=True, text=True)
     assert done.stdout.strip().endswith("(4, 10)")
 
 

@@ -84,10 +84,33 @@ def plan_path(root: Path) -> Path:
     build_ranking(model, 32, scores, scores, threshold=1.0).save(root / "ranking.json")
     path = root / "plan.json"
     _invoke(
-        "plan", "--model", model, "--image-size", "32", "--profile", "this-workstation", "--engine", "ort",
-        "--budget", "5%", "--data", "synthetic:4", "--per-class", "48", "--batch-size", "16",
-        "--epochs", "3", "--lr", "0.01", "--ranking", str(root / "ranking.json"), "-o", str(path), "--quiet",
-    )  # fmt: skip
+        "plan",
+        "--model",
+        model,
+        "--image-size",
+        "32",
+        "--profile",
+        "this-workstation",
+        "--engine",
+        "ort",
+        "--budget",
+        "5%",
+        "--data",
+        "synthetic:4",
+        "--per-class",
+        "48",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "3",
+        "--lr",
+        "0.01",
+        "--ranking",
+        str(root / "ranking.json"),
+        "-o",
+        str(path),
+        "--quiet",
+    )
     return path
 
 
@@ -177,9 +200,7 @@ def test_run_on_the_device_never_imports_torch(trained: Path, artifact: Path, pl
 
 
 def test_evaluate_reports_the_runs_last_val_accuracy(trained: Path, device) -> None:
-    done = device(
-        "evaluate", str(trained / "model.onnx"), "--data", "synthetic:4", "--per-class", "48", "--verbose"
-    )
+    done = device("evaluate", str(trained / "model.onnx"), "--data", "synthetic:4", "--per-class", "48", "--verbose")
     assert done.returncode == 0, done.stderr
     correct, total = map(int, re.search(r"accuracy \S+ \((\d+)/(\d+)\) loss", done.stdout).groups())
     assert correct / total == read_jsonl(trained / "metrics.jsonl")[-1]["val_acc"]
@@ -224,9 +245,16 @@ def test_runner_matches_finetune_torch_masked(artifact: Path, plan_path: Path, t
     for epochs in ("1", "3"):
         _invoke("run", str(artifact), *TRAIN, "--out", str(tmp_path / f"ort{epochs}"), *small(epochs))
         _invoke(
-            "finetune", "--plan", str(plan_path), *DATA, "--engine", "torch-masked",
-            "--out", str(tmp_path / f"torch{epochs}"), *small(epochs),
-        )  # fmt: skip
+            "finetune",
+            "--plan",
+            str(plan_path),
+            *DATA,
+            "--engine",
+            "torch-masked",
+            "--out",
+            str(tmp_path / f"torch{epochs}"),
+            *small(epochs),
+        )
     # finetune --plan with the plan's engine (ort) exports the same artifact and trains it alike
     _invoke("finetune", "--plan", str(plan_path), *DATA, "--out", str(tmp_path / "ft-ort1"), *small("1"))
     _assert_same_run(tmp_path / "ort1", tmp_path / "ft-ort1")
@@ -235,9 +263,7 @@ def test_runner_matches_finetune_torch_masked(artifact: Path, plan_path: Path, t
     assert [{k: m[k] for k in same} for m in ort] == [{k: m[k] for k in same} for m in ref]
     assert ort[0]["train_loss"] == pytest.approx(ref[0]["train_loss"], rel=1e-4)
     assert [m["train_loss"] for m in ort] == pytest.approx([m["train_loss"] for m in ref], rel=1e-3)
-    assert read_jsonl(tmp_path / "ort3" / "selection.jsonl") == read_jsonl(
-        tmp_path / "torch3" / "selection.jsonl"
-    )
+    assert read_jsonl(tmp_path / "ort3" / "selection.jsonl") == read_jsonl(tmp_path / "torch3" / "selection.jsonl")
     initial = OrtEngine(artifact)
     trained = _initializers(tmp_path / "ort1" / "model.onnx")
     reference = torch.load(tmp_path / "torch1" / "model.pt", weights_only=True)
@@ -352,18 +378,14 @@ def test_broken_artifact_or_data_is_one_clear_line(artifact: Path, device, tmp_p
     assert expected in done.stderr
 
 
-def test_memory_guard_refuses_a_plan_that_does_not_fit_unless_forced(
-    artifact: Path, device, tmp_path: Path
-) -> None:
+def test_memory_guard_refuses_a_plan_that_does_not_fit_unless_forced(artifact: Path, device, tmp_path: Path) -> None:
     copy = tmp_path / "artifact"
     shutil.copytree(artifact, copy)
     _edit_manifest(copy, lambda d: d["plan"]["memory"]["parts"][0].update(bytes=2**50))  # 1 PiB baseline
     args = ["run", str(copy), *TRAIN, "--per-class", "4", "--epochs", "1", "--out", str(tmp_path / "out")]
     refused = device(*args)
     assert refused.returncode == 2 and refused.stderr.startswith("error: the plan's predicted peak")
-    assert re.search(
-        r"peak 1048576\.0 GiB exceeds the memory available to this run, [\d.]+ [GM]iB", refused.stderr
-    )
+    assert re.search(r"peak 1048576\.0 GiB exceeds the memory available to this run, [\d.]+ [GM]iB", refused.stderr)
     assert not (tmp_path / "out").exists()
     forced = device(*args, "--force")
     assert forced.returncode == 0, forced.stderr

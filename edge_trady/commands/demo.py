@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import click
@@ -33,43 +36,99 @@ import click
     help="Data set (default: Fashion-MNIST from the Debian package dataset-fashion-mnist).",
 )
 @click.option("--quiet", is_flag=True)
-def command(
-    out_dir: str, per_class: int, image_size: int, epochs: int, budget: str, data: str, quiet: bool
-) -> None:
-    """Fine-tune ImageNet-pretrained EfficientNet-Lite0 on a Fashion-MNIST subset with TraDy.
+def command(out_dir: str, per_class: int, image_size: int, epochs: int, budget: str, data: str, quiet: bool) -> None:
+    """Profile -> plan -> export -> run -> evaluate, on ImageNet-pretrained EfficientNet-Lite0 and a
+    Fashion-MNIST subset, with TraDy. A few minutes on 2 cores.
 
-    Ranks the layers, trains the top-K layers' randomly re-sampled channels under --budget with the
-    PyTorch masked engine, and prints accuracy before/after, the budget, channels updated and the
-    measured peak memory. A few minutes on 2 cores.
+    1. profile this machine (memory, CPU, the ONNX Runtime engine's baseline);
+    2. plan: rank the layers, keep the top-K, check the budget against the usable memory;
+    3. export the ONNX Runtime training artifact;
+    4. run it with the device runner in a fresh process that never imports torch;
+    5. evaluate the exported inference model with plain onnxruntime.
     """
     from ..budget import format_bytes
-    from ..finetune import FinetuneSpec, run_finetune
+    from ..commands.export import export_plan
+    from ..device import measure_profile
+    from ..planner import PlanRequest, make_plan
+    from ..plots import plot_memory
     from ..progress import Progress
 
-    spec = FinetuneSpec(
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = Progress(quiet)
+
+    progress.line("[1/5] profile: measuring this machine")
+    profile = measure_profile("this-machine", engines=("ort",))
+    profile.save(out / "device.json")
+
+    progress.line("[2/5] plan: ranking layers and fitting the budget to the usable memory")
+    request = PlanRequest(
         model="efficientnet-lite0",
-        data=data,
+        profile=profile,
         image_size=image_size,
-        per_class=per_class,
-        method="trady",
+        engine="ort",
         budget=budget,
+        data=data,
+        per_class=per_class,
         epochs=epochs,
-        lr=0.125,
-        rank_epochs=1,
     )
-    result = run_finetune(spec, Path(out_dir), Progress(quiet))
-    last = result.epochs[-1]
-    channels = sum(e["channels_selected"] for e in result.epochs) / len(result.epochs)
-    report = [
-        "",
-        "edge-trady demo: EfficientNet-Lite0 -> Fashion-MNIST, TraDy",
-        f"  data           {per_class} images/class, {image_size} px, {epochs} epochs",
-        f"  accuracy       {result.initial_val_acc:.1%} before -> {result.final_val_acc:.1%} after",
-        f"  budget         {budget} = {result.budget_amount:,.0f} of {result.full_units:,} units "
-        f"(full fine-tuning), top-K = {len(result.top_k or [])} layers",
-        f"  channels       {channels:.0f} input channels per epoch (units used {last['units_used']:,.0f})",
-        f"  memory         peak RSS {format_bytes(result.peak_rss_bytes)} (measured, VmHWM)",
-        f"  time           {result.seconds:.0f} s",
-        f"  output         {out_dir}/ (model.pt, metrics.jsonl, selection.jsonl, ranking.json)",
-    ]
-    click.echo("\n".join(report))
+    plan = make_plan(request, progress)
+    plan.save(out / "plan.json")
+    plot_memory(plan.estimate, plan.usable_memory_bytes, f"{plan.model} on this machine", out / "plan.png")
+
+    progress.line("[3/5] export: ONNX Runtime training artifact")
+    manifest = export_plan(plan, out / "artifact")
+
+    progress.line("[4/5] run: device runner (fresh process, no torch)")
+    run_dir = out / "run"
+    _cli(
+        "run",
+        str(out / "artifact"),
+        "--train",
+        data,
+        "--per-class",
+        str(per_class),
+        "--out",
+        str(run_dir),
+        "--resume",
+        *(["--quiet"] if quiet else []),
+    )
+
+    progress.line("[5/5] evaluate: the exported model on plain onnxruntime")
+    _cli(
+        "evaluate",
+        str(run_dir / "model.onnx"),
+        "--data",
+        data,
+        "--per-class",
+        str(per_class),
+        *(["--quiet"] if quiet else []),
+    )
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    channels = sum(m["channels_selected"] for m in metrics) / len(metrics)
+    click.echo(
+        "\n".join(
+            [
+                "",
+                "edge-trady demo: EfficientNet-Lite0 -> Fashion-MNIST, TraDy, ONNX Runtime runner",
+                f"  device     {profile.cpu_model}, {profile.cpu_cores} cores, usable "
+                f"{format_bytes(profile.usable_memory_bytes)}",
+                f"  data       {per_class} images/class, {image_size} px, {epochs} epochs",
+                f"  accuracy   {summary['initial_val_acc']:.1%} before -> {summary['final_val_acc']:.1%} after",
+                f"  budget     {budget} = {plan.budget:,.0f} {plan.budget_unit} of full fine-tuning; "
+                f"{len(plan.layers)} top-K layers, {channels:.0f} channels updated per epoch",
+                f"  memory     predicted peak {format_bytes(summary['predicted_peak_bytes'])}, measured "
+                f"{format_bytes(summary['peak_rss_bytes'])} (VmHWM of the runner)",
+                f"  artifact   {out / 'artifact'} ({manifest.artifact_sha256[:12]}), model {run_dir / 'model.onnx'}",
+                f"  time       {summary['seconds']:.0f} s of training on the runner",
+            ]
+        )
+    )
+
+
+def _cli(*args: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "edge_trady", *args])
+    if result.returncode:
+        raise SystemExit(result.returncode)

@@ -25,9 +25,7 @@ import numpy as np
 )
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--verbose", is_flag=True, help="Also print the accuracy of every class.")
-def command(
-    model_path: str, data_spec: str, split: str, per_class: int | None, batch_size: int, verbose: bool
-) -> None:
+def command(model_path: str, data_spec: str, split: str, per_class: int | None, batch_size: int, verbose: bool) -> None:
     """Evaluate MODEL.onnx (from 'edge-trady run') on a data set.
 
     Preprocessing (input size, normalisation) and class names come from the model.json next to the

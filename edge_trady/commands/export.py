@@ -76,21 +76,29 @@ def export_plan(plan: Plan, out_dir: Path) -> Manifest:
     staging = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        layout = export_training_artifact(
-            built.module, layers, trainable, built.classifier, plan.image_size, staging
-        )
+        layout = export_training_artifact(built.module, layers, trainable, built.classifier, plan.image_size, staging)
         channels = {layer.name: layer.in_channels for layer in layout.layers}
         manifest = Manifest(
             plan=plan,
             masks={mask: {"layer": name, "channels": channels[name]} for mask, name in layout.masks.items()},
-            input={"name": INPUT, "image_size": plan.image_size, "channels": 3, "dtype": "float32",
-                   "layout": "NCHW"},
+            input={
+                "name": INPUT,
+                "image_size": plan.image_size,
+                "channels": 3,
+                "dtype": "float32",
+                "layout": "NCHW",
+            },
             normalization=plan.normalization,
             class_names=plan.class_names,
-            versions={"edge-trady": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-                      "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__},
+            versions={
+                "edge-trady": __version__,
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__,
+                "numpy": numpy.__version__,
+            },
             files=hash_files(staging),
-        )  # fmt: skip
+        )
         manifest.save(staging)
         shutil.rmtree(out_dir, ignore_errors=True)
         staging.rename(out_dir)

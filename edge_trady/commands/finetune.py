@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .options import data_options, model_options, selection_options, training_options
+from .options import checkpoint_options, data_options, model_options, selection_options, training_options
 
 
 @click.command("finetune")
@@ -35,21 +35,11 @@ from .options import data_options, model_options, selection_options, training_op
     "out_dir",
     type=click.Path(file_okay=False),
     required=True,
-    help="Output folder: model.pt (or model.onnx), metrics.jsonl, selection.jsonl, "
-    "summary.json, checkpoints/.",
+    help="Output folder: model.pt (or model.onnx), metrics.jsonl, selection.jsonl, summary.json, checkpoints/.",
 )
-@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out (a fresh start if there is none).")
-@click.option(
-    "--checkpoint-every",
-    type=click.IntRange(0),
-    default=0,
-    show_default=True,
-    help="Also checkpoint every N steps (0: at epoch ends only).",
-)
+@checkpoint_options
 @click.pass_context
-def command(
-    ctx: click.Context, plan_path: str | None, out_dir: str, resume: bool, quiet: bool, **options
-) -> None:
+def command(ctx: click.Context, plan_path: str | None, out_dir: str, resume: bool, quiet: bool, **options) -> None:
     """Fine-tune a model with TraDy or a baseline, training only the selected input channels.
 
     The model runs with frozen BatchNorm and no dropout; plain SGD with a cosine schedule. Every

@@ -35,9 +35,7 @@ def command(model: str, image_size: int, num_classes: int, batch_size: int, as_j
     built = build_model(model, num_classes, image_size)
     layers = trace_layers(built.module, image_size)
     if as_json:
-        click.echo(
-            json.dumps([layer.to_dict() | {"unit_cost": layer.unit_cost} for layer in layers], indent=1)
-        )
+        click.echo(json.dumps([layer.to_dict() | {"unit_cost": layer.unit_cost} for layer in layers], indent=1))
         return
     header = (
         f"{'#':>3} {'layer':<34} {'type':<6} {'weight shape':<18} {'C_in':>5} {'in HxW':>8} "

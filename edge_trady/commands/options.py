@@ -133,3 +133,18 @@ selection_options = stack(
         help="Epochs of full fine-tuning when a ranking must be computed.",
     ),
 )
+
+checkpoint_options = stack(
+    click.option(
+        "--resume",
+        is_flag=True,
+        help="Continue from the last checkpoint in --out (a fresh start if there is none).",
+    ),
+    click.option(
+        "--checkpoint-every",
+        type=click.IntRange(0),
+        default=0,
+        show_default=True,
+        help="Also checkpoint every N steps (0: at epoch ends only).",
+    ),
+)

@@ -34,9 +34,7 @@ from .options import model_options
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--data", default=None, help="Data to rank layers with and to size the data set in memory.")
 @click.option("--per-class", type=click.IntRange(1), default=None, help="Images per class of --data.")
-@click.option(
-    "--num-classes", type=click.IntRange(1), default=None, help="Classes, when --data is not given."
-)
+@click.option("--num-classes", type=click.IntRange(1), default=None, help="Classes, when --data is not given.")
 @click.option(
     "--train-images",
     type=click.IntRange(1),
@@ -56,9 +54,7 @@ from .options import model_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overflow", type=click.Choice(OVERFLOW_POLICIES), default="skip", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default="plan.json", show_default=True)
-@click.option(
-    "--plot", type=click.Path(dir_okay=False), default=None, help="Write a bar chart PNG of memory by part."
-)
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a bar chart PNG of memory by part.")
 @click.option("--quiet", is_flag=True)
 def command(
     model,
@@ -119,9 +115,7 @@ def command(
     if plot:
         from ..plots import plot_memory
 
-        plot_memory(
-            plan.estimate, plan.usable_memory_bytes, f"{plan.model} on {plan.profile['name']}", Path(plot)
-        )
+        plot_memory(plan.estimate, plan.usable_memory_bytes, f"{plan.model} on {plan.profile['name']}", Path(plot))
     if not quiet:
         click.echo(summary(plan))
         click.echo(f"written to {output}" + (f" and {plot}" if plot else ""))

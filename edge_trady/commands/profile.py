@@ -62,9 +62,7 @@ def summary(profile: DeviceProfile) -> str:
         ),
         (
             "compute",
-            "not measured"
-            if profile.compute_gflops is None
-            else f"{profile.compute_gflops:.1f} GFLOP/s (fp32 matmul)",
+            "not measured" if profile.compute_gflops is None else f"{profile.compute_gflops:.1f} GFLOP/s (fp32 matmul)",
         ),
     ]
     if profile.shared_gpu_memory:

@@ -85,10 +85,8 @@ def command(
         for i, layer in enumerate(ranking.layers[: max(ranking.k + 3, 10)]):
             mark = "*" if i < ranking.k else " "
             click.echo(
-                f"{i + 1:>3}{mark}{layer.name:<36} {layer.rgn:>10.4g} "
-                f"{layer.share:>7.2%} {layer.cumulative:>7.2%}"
+                f"{i + 1:>3}{mark}{layer.name:<36} {layer.rgn:>10.4g} {layer.share:>7.2%} {layer.cumulative:>7.2%}"
             )
         click.echo(
-            f"K = {ranking.k} of {len(ranking.layers)} layers reach {threshold:.0%} "
-            f"(marked *); written to {output}"
+            f"K = {ranking.k} of {len(ranking.layers)} layers reach {threshold:.0%} (marked *); written to {output}"
         )

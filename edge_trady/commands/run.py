@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from .options import checkpoint_options
+
 
 @click.command("run")
 @click.argument("artifact", type=click.Path(file_okay=False))
@@ -16,9 +18,7 @@ import click
     help="Training data: 'fashion-mnist[:DIR]', an image folder (one sub-folder per class), an .npz "
     "file with x and y, or 'synthetic[:CLASSES]'. Its classes must be the artifact's.",
 )
-@click.option(
-    "--val", "val_data", default=None, help="Validation data. Default: the validation split of --train."
-)
+@click.option("--val", "val_data", default=None, help="Validation data. Default: the validation split of --train.")
 @click.option(
     "--per-class",
     type=click.IntRange(1),
@@ -34,21 +34,13 @@ import click
     "out_dir",
     type=click.Path(file_okay=False),
     required=True,
-    help="Run folder: metrics.jsonl, selection.jsonl, checkpoints/, then model.onnx, model.json and "
-    "summary.json.",
+    help="Run folder: metrics.jsonl, selection.jsonl, checkpoints/, then model.onnx, model.json and summary.json.",
 )
-@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in --out (a fresh start if there is none).")
+@checkpoint_options
 @click.option(
     "--force",
     is_flag=True,
     help="Run even when the plan's predicted peak exceeds the memory available now.",
-)
-@click.option(
-    "--checkpoint-every",
-    type=click.IntRange(0),
-    default=0,
-    show_default=True,
-    help="Also checkpoint every N steps (0: at epoch ends only).",
 )
 @click.option("--quiet", is_flag=True, help="No progress output (for scripts).")
 def command(
