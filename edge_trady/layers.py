@@ -73,7 +73,8 @@ class LayerCost:
         return self.weight_units_per_channel * self.in_channels
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready fields (tuples as lists, so a dict read back from JSON compares equal)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @classmethod
     def from_dict(cls, data: dict) -> LayerCost:

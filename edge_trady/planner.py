@@ -264,21 +264,23 @@ def _largest_fitting(
 
 def _refuse(req: PlanRequest, setup: _Setup, estimate: MemoryEstimate, usable: int, what: str) -> None:
     suggestions = _suggestions(req, setup, usable)
-    hint = "; ".join(suggestions) if suggestions else "no smaller batch or image size fits either"
+    hint = ", ".join(suggestions) if suggestions else "nothing (no smaller batch or image size fits either)"
     raise PlanError(
         f"{what} does not fit {req.profile.name}: predicted peak {format_bytes(estimate.peak_bytes)} > "
         f"usable {format_bytes(usable)} (engine {req.engine}, batch {req.batch_size}, "
-        f"{req.image_size} px).\n{estimate.table()}\nWhat would fit: {hint}"
+        f"{req.image_size} px).\n{estimate.table()}\nWhat would fit (training the classifier only): {hint}"
     )
 
 
 def _suggestions(req: PlanRequest, setup: _Setup, usable: int) -> list[str]:
-    """Smaller batch sizes / image sizes whose smallest plan (classifier only) fits."""
+    """Settings whose smallest plan (classifier only) fits: as asked, a smaller batch, a smaller image."""
     found = []
     baseline = _baseline(req.profile, req.engine)
     head_only = _footprint(setup, req.engine, [], req.image_size)
+    if _estimate(req, setup, head_only, baseline, 0).peak_bytes <= usable:
+        found.append(f"--method classifier-only at batch {req.batch_size}, {req.image_size} px")
     batch = req.batch_size // 2
-    while batch >= 1 and len(found) < 2:
+    while batch >= 1:
         smaller = PlanRequest(**{**req.__dict__, "batch_size": batch})
         if _estimate(smaller, setup, head_only, baseline, 0).peak_bytes <= usable:
             found.append(f"--batch-size {batch}")
@@ -290,14 +292,7 @@ def _suggestions(req: PlanRequest, setup: _Setup, usable: int) -> list[str]:
         built = build_model(req.model, setup.built.num_classes, size, req.seed)
         layers = trace_layers(built.module, size)
         smaller_setup = _Setup(
-            built,
-            layers,
-            [],
-            None,
-            None,
-            None,
-            setup.dataset_bytes * size**2 // req.image_size**2,
-            setup.load_bytes,
+            built, layers, [], None, None, None, setup.dataset_bytes * size**2 // req.image_size**2, setup.load_bytes
         )
         fp = _footprint(smaller_setup, req.engine, [], size)
         sized = PlanRequest(**{**req.__dict__, "image_size": size})

@@ -1,0 +1,138 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from edge_trady.cost_trace import trace_layers
+from edge_trady.device import load_profile
+from edge_trady.engine_torch import TorchMaskedEngine
+from edge_trady.footprint import trace_footprint
+from edge_trady.memory import RunShape, estimate_memory
+from edge_trady.plan import Plan
+from edge_trady.planner import PlanRequest, make_plan
+from edge_trady.progress import Progress
+from edge_trady.selection import Selection
+
+ROOT = Path(__file__).resolve().parents[1]
+RANKING_64 = ROOT / "bench" / "results" / "ranking-efficientnet-lite0-64px.json"
+
+
+class TwoLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(12, 8)
+        self.fc2 = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def test_footprint_of_a_small_model_matches_hand_computed_bytes() -> None:
+    model = TwoLinear()
+    engine = TorchMaskedEngine(model, trace_layers(model, 2), "fc2")
+    fp = trace_footprint(model, engine, Selection(0, {"fc1": np.arange(12)}, 0.0), image_size=2, num_classes=4)
+    assert fp.weight_bytes == 4 * (12 * 8 + 8 + 8 * 4 + 4)
+    assert fp.input_bytes_per_sample == 4 * 3 * 2 * 2
+    assert fp.largest_activation_per_sample == 4 * 8  # fc1's output
+    assert fp.forward_peak_per_sample == 4 * (12 + 8)  # fc1's input + output
+    # autograd keeps, per sample: fc1's input (12 floats), the ReLU output (8), log-softmax (4), target (int64)
+    assert fp.saved_bytes_per_sample == 4 * 12 + 4 * 8 + 4 * 4 + 8
+    assert fp.trainable_weight_bytes == 4 * (12 * 8) + 4 * (8 * 4 + 4)  # fc1 weight + classifier
+
+
+def test_memory_parts_add_up_by_phase() -> None:
+    shape = RunShape(batch_size=4, weight_bytes=1000, input_bytes_per_sample=48, largest_activation_per_sample=32,
+                     forward_peak_per_sample=80, saved_bytes_per_sample=104, saved_bytes_fixed=4,
+                     gradient_bytes=528, dataset_bytes=3000, data_load_bytes=50_000,
+                     runtime_baseline_bytes=100_000)  # fmt: skip
+    estimate = estimate_memory("torch-masked", shape)
+    parts = {p.name: p.bytes for p in estimate.parts}
+    assert parts["frozen weights"] == 2000  # weights while loaded: file buffer + parameters
+    assert parts["batch buffers"] == 2 * 4 * 48
+    assert parts["forward working set"] == 4 * 80
+    assert parts["stored activations + backprop chain"] == 4 * 104 + 4
+    assert parts["backward transient"] == 2 * 4 * 32
+    assert parts["optimizer state"] == 0
+    train = 384 + 320 + 420 + 528 + 256
+    always = 100_000 + 2000 + 3000
+    assert estimate.peak_bytes == always + max(50_000, train) == 155_000
+    assert estimate_memory("torch-masked", RunShape(**{**shape.__dict__, "data_load_bytes": 0})).peak_bytes == (
+        always + train
+    )
+
+
+@pytest.fixture(scope="module")
+def small_plan(tmp_path_factory) -> tuple[Plan, Path]:
+    ranking = tmp_path_factory.mktemp("r") / "ranking.json"
+    subprocess.run([sys.executable, "-m", "edge_trady", "rank", "--model", "mobilenetv2-w0.35", "--data",
+                    "synthetic:4", "--per-class", "8", "--image-size", "32", "--epochs", "1", "--quiet",
+                    "-o", str(ranking)], check=True)  # fmt: skip
+    request = PlanRequest(model="mobilenetv2-w0.35", profile=load_profile("raspberry-pi-4-2gb"), image_size=32,
+                          batch_size=16, engine="torch-sparse", ranking=str(ranking), data="synthetic:4",
+                          per_class=8, epochs=2)  # fmt: skip
+    return make_plan(request, Progress(quiet=True)), ranking
+
+
+def test_plan_round_trips(small_plan, tmp_path: Path) -> None:
+    plan, _ = small_plan
+    plan.save(tmp_path / "plan.json")
+    assert Plan.load(tmp_path / "plan.json") == plan
+    assert plan.estimate.peak_bytes <= plan.usable_memory_bytes
+    assert plan.budget > 0 and plan.budget_unit == "bytes"
+
+
+def test_sparse_plan_takes_the_largest_budget_that_fits(small_plan) -> None:
+    plan, ranking = small_plan
+    tight = load_profile("raspberry-pi-4-2gb")
+    tight.available_memory_bytes = plan.estimate.peak_bytes - plan.budget // 2  # half the budget no longer fits
+    request = PlanRequest(model="mobilenetv2-w0.35", profile=tight, image_size=32, batch_size=16,
+                          engine="torch-sparse", ranking=str(ranking), data="synthetic:4", per_class=8)  # fmt: skip
+    smaller = make_plan(request, Progress(quiet=True))
+    assert smaller.estimate.peak_bytes <= tight.usable_memory_bytes < plan.estimate.peak_bytes
+    assert 0 < smaller.budget < plan.budget
+
+
+def test_plan_file_errors_are_clear(tmp_path: Path, small_plan) -> None:
+    plan, _ = small_plan
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**json.loads(json.dumps(plan.__dict__)), "version": 99}))
+    with pytest.raises(Exception, match="version 99"):
+        Plan.load(bad)
+    bad.write_text("{not json")
+    with pytest.raises(Exception, match="not valid JSON"):
+        Plan.load(bad)
+
+
+@pytest.mark.parametrize("board", ["raspberry-pi-3b", "raspberry-pi-4-2gb", "jetson-nano-4gb"])
+def test_efficientnet_plans_fit_the_named_boards(board: str, tmp_path: Path) -> None:
+    out = tmp_path / "plan.json"
+    result = subprocess.run([sys.executable, "-m", "edge_trady", "plan", "--model", "efficientnet-lite0",
+                             "--image-size", "64", "--profile", board, "--ranking", str(RANKING_64),
+                             "--num-classes", "10", "--train-images", "1000", "-o", str(out)],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    plan = Plan.load(out)
+    assert 0 < plan.estimate.peak_bytes <= plan.usable_memory_bytes
+    assert "predicted peak" in result.stdout and "runtime baseline" in result.stdout
+
+
+def test_impossible_budget_is_refused_with_what_would_fit(tmp_path: Path) -> None:
+    profile = json.loads((ROOT / "profiles" / "raspberry-pi-zero-2w.json").read_text())
+    profile |= {"name": "tiny-board", "total_memory_bytes": 400 * 2**20, "available_memory_bytes": 330 * 2**20,
+                "os_reserved_bytes": 70 * 2**20}  # fmt: skip
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(profile))
+    result = subprocess.run([sys.executable, "-m", "edge_trady", "plan", "--model", "efficientnet-lite0",
+                             "--image-size", "64", "--profile", str(path), "--engine", "torch-masked",
+                             "--ranking", str(RANKING_64), "--num-classes", "10", "--budget", "50%",
+                             "-o", str(tmp_path / "p.json")], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "does not fit tiny-board" in result.stderr and "usable 330.0 MiB" in result.stderr
+    assert "What would fit (training the classifier only): --method classifier-only" in result.stderr
+    assert not (tmp_path / "p.json").exists()
