@@ -31,6 +31,13 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--per-class", type=int, default=30)
     parser.add_argument("--profile", default="this-workstation")
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        default=None,
+        metavar="ENGINE:BATCH:BUDGET",
+        help="explicit rows instead of engines x batch sizes x budgets",
+    )
     args = parser.parse_args()
     ranking = RESULTS / f"ranking-efficientnet-lite0-{args.image_size}px.json"
     if not ranking.exists():
@@ -52,17 +59,25 @@ def main() -> None:
             "-o",
             str(ranking),
         )
-    rows = []
-    for engine in args.engines:
-        for batch in args.batch_sizes:
-            for budget in args.budgets:
-                rows.append(measure(engine, batch, budget, ranking, args))
-                r = rows[-1]
-                print(
-                    f"{engine:13} batch {batch:3} budget {budget:>4}: predicted {r['predicted_mib']:7.1f} MiB, "
-                    f"measured {r['measured_mib']:7.1f} MiB, error {r['error_pct']:+6.1f} %",
-                    flush=True,
-                )
+    wanted = (
+        [tuple(r.split(":")) for r in args.rows]
+        if args.rows
+        else [(e, str(b), g) for e in args.engines for b in args.batch_sizes for g in args.budgets]
+    )
+    csv_path = RESULTS / "memory_check.csv"
+    rows = [r for r in _read(csv_path) if (r["engine"], r["batch_size"], r["budget"]) in wanted]
+    done = {(r["engine"], r["batch_size"], r["budget"]) for r in rows}
+    for engine, batch, budget in wanted:
+        if (engine, batch, budget) in done:
+            continue
+        rows.append(measure(engine, int(batch), budget, ranking, args))
+        r = rows[-1]
+        print(
+            f"{engine:13} batch {batch:>3} budget {budget:>4}: predicted {r['predicted_mib']:7.1f} MiB, "
+            f"measured {r['measured_mib']:7.1f} MiB, error {r['error_pct']:+6.1f} %",
+            flush=True,
+        )
+        _save(rows, csv_path)
     write(rows, args)
 
 
@@ -126,7 +141,9 @@ def measure(engine: str, batch: int, budget: str, ranking: Path, args: argparse.
                 "--quiet",
             )
         metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    measured = max(m["peak_rss_bytes"] for m in metrics)
+        summary = json.loads((run / "summary.json").read_text())
+    # the whole process: training, checkpoints and the final model export
+    measured = max([m["peak_rss_bytes"] for m in metrics] + [summary["peak_rss_bytes"]])
     peak = predicted["peak_bytes"]
     parts = {p["name"]: round(p["bytes"] / MiB, 1) for p in predicted["parts"]}
     return {
@@ -144,19 +161,28 @@ def _cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "edge_trady", *args], check=True)
 
 
-def write(rows: list[dict], args: argparse.Namespace) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with (RESULTS / "memory_check.csv").open("w", newline="") as handle:
+def _read(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open() as handle:
+        return [
+            {**r, **{k: float(r[k]) for k in ("predicted_mib", "measured_mib", "error_pct")}}
+            for r in csv.DictReader(handle)
+        ]
+
+
+def _save(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write(rows: list[dict], args: argparse.Namespace) -> None:
     command = (
-        "python bench/memory_check.py --engines "
-        + " ".join(args.engines)
-        + " --batch-sizes "
-        + " ".join(map(str, args.batch_sizes))
-        + " --budgets "
-        + " ".join(args.budgets)
+        "python bench/memory_check.py --rows "
+        + " ".join(f"{r['engine']}:{r['batch_size']}:{r['budget']}" for r in rows)
         + f" --image-size {args.image_size} --per-class {args.per_class}"
     )
     lines = [
