@@ -278,7 +278,7 @@ PY
 # ---------------------------------------------------------------------------------------------
 # et_check_metrics RUN_DIR : metrics.jsonl (one record per epoch, see edge_trady/runlog.py) must
 # show a lower train loss in the last epoch than in the first, and units_used <= budget_units in
-# every epoch.
+# every epoch. val_acc is printed per epoch (information, not checked).
 et_check_metrics() {
     "$ET_PYTHON" - "$1/metrics.jsonl" <<'PY'
 import json, sys
@@ -298,7 +298,8 @@ for r in recs:
     fine = budget is not None and used is not None and used <= budget
     ok &= fine
     print(f"    epoch {r.get('epoch')}: train_loss {num(r.get('train_loss'))} "
-          f"train_acc {num(r.get('train_acc'), '.3f')} units_used {num(used, ',.0f')} "
+          f"train_acc {num(r.get('train_acc'), '.3f')} val_acc {num(r.get('val_acc'), '.3f')} "
+          f"units_used {num(used, ',.0f')} "
           f"<= budget_units {num(budget, ',.0f')} {r.get('budget_unit', '')}: "
           f"{'ok' if fine else 'FAIL'}  ({num(r.get('time_s'), '.1f')}s, peak rss "
           f"{num((r.get('peak_rss_bytes') or 0) / 2**20, '.0f')} MiB)")
@@ -306,6 +307,12 @@ first, last = recs[0].get("train_loss"), recs[-1].get("train_loss")
 down = first is not None and last is not None and last < first
 ok &= down
 print(f"    train loss first {num(first)} -> last {num(last)}: {'decreases, ok' if down else 'FAIL'}")
+try:  # summary.json (written at the end of a run) has the accuracy before training, if measured
+    before = json.load(open(path.rsplit("/", 1)[0] + "/summary.json")).get("initial_val_acc")
+except (OSError, ValueError):
+    before = None
+print("    val_acc per epoch: " + ("" if before is None else f"before {before:.3f}, ")
+      + ", ".join(f"{r.get('epoch')}: {num(r.get('val_acc'), '.3f')}" for r in recs))
 sys.exit(0 if ok else "    FAIL: metrics check failed")
 PY
 }

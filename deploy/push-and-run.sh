@@ -16,7 +16,7 @@ Modes (--mode):
   nohup    (default) `nohup edge-trady run|finetune ... &` in REMOTE_DIR; log in REMOTE_DIR/run.log
   systemd  copies to /var/lib/edge-trady (sudo), restarts the edge-trady-run unit
            (deploy/edge-trady-run.service must be installed, for a plan with the finetune
-           drop-in from deploy/README.md; the unit adds --resume by itself)
+           drop-in from deploy/README.md; the unit always passes --resume)
   docker   `docker compose up -d runner` (artifact) or `--profile torch up -d finetune` (plan)
            with deploy/compose.yaml copied to REMOTE_DIR
 
