@@ -47,6 +47,7 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", default=["1%", "2.5%", "5%"])
     parser.add_argument("--methods", nargs="+", default=BUDGETED + REFERENCES)
     parser.add_argument("--csv", type=Path, default=RESULTS / "reproduce.csv")
+    parser.add_argument("--lr", type=float, default=0.125, help="peak learning rate (the paper's 0.125)")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the table and plot")
     args = parser.parse_args()
     if not args.report_only:
@@ -87,6 +88,7 @@ def run_all(args: argparse.Namespace) -> None:
             ],
             check=True,
         )
+    suffix = "" if args.lr == 0.125 else f" @lr{args.lr:g}"
     done = {(r["method"], r["budget"], r["seed"]) for r in _read(args.csv)}
     jobs = [(m, b, s) for s in args.seeds for m in args.methods for b in (args.budgets if m in BUDGETED else ["-"])]
     new = not args.csv.exists()
@@ -95,7 +97,7 @@ def run_all(args: argparse.Namespace) -> None:
         if new:
             writer.writeheader()
         for i, (method, budget, seed) in enumerate(jobs):
-            if (method, budget, str(seed)) in done:
+            if (method + suffix, budget, str(seed)) in done:
                 continue
             started = time.monotonic()
             spec = FinetuneSpec(
@@ -104,6 +106,7 @@ def run_all(args: argparse.Namespace) -> None:
                 image_size=args.image_size,
                 per_class=args.per_class,
                 method=method,
+                lr=args.lr,
                 budget=budget if budget != "-" else "100%",
                 epochs=args.epochs,
                 seed=seed,
@@ -114,7 +117,7 @@ def run_all(args: argparse.Namespace) -> None:
             last = result.epochs[-1]
             writer.writerow(
                 {
-                    "method": method,
+                    "method": method + suffix,
                     "budget": budget,
                     "seed": seed,
                     "val_acc": last["val_acc"],
@@ -143,7 +146,8 @@ def _read(path: Path) -> list[dict]:
 
 def write_report(rows: list[dict], args: argparse.Namespace) -> None:
     budgets = args.budgets
-    methods = [m for m in args.methods if any(r["method"] == m for r in rows)]
+    labels = list(dict.fromkeys(r["method"] for r in rows))  # method, or "method @lrX" for other learning rates
+    methods = [m for m in labels if m.split(" @")[0] in args.methods]
     cell: dict[tuple[str, str], list[float]] = {}
     for row in rows:
         cell.setdefault((row["method"], row["budget"]), []).append(100 * float(row["val_acc"]))
@@ -160,7 +164,7 @@ def write_report(rows: list[dict], args: argparse.Namespace) -> None:
         "|---|" + "---|" * len(budgets),
     ]
     for method in methods:
-        if method in REFERENCES:
+        if method.split(" @")[0] in REFERENCES:
             lines.append(f"| {method} | " + " | ".join([fmt(cell.get((method, "-")))] * len(budgets)) + " |")
         else:
             lines.append(f"| {method} | " + " | ".join(fmt(cell.get((method, b))) for b in budgets) + " |")
@@ -197,10 +201,11 @@ def _plot(cell: dict, methods: list[str], budgets: list[str], path: Path, image_
     xs = [float(b.rstrip("%")) for b in budgets]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in methods:
-        keys = [(method, "-")] * len(budgets) if method in REFERENCES else [(method, b) for b in budgets]
+        reference = method.split(" @")[0] in REFERENCES
+        keys = [(method, "-")] * len(budgets) if reference else [(method, b) for b in budgets]
         means = [statistics.mean(cell[k]) if cell.get(k) else float("nan") for k in keys]
         stds = [statistics.stdev(cell[k]) if len(cell.get(k, [])) > 1 else 0.0 for k in keys]
-        style = "--" if method in REFERENCES else "-o"
+        style = "--" if reference else "-o"
         ax.errorbar(xs, means, yerr=stds, fmt=style, capsize=3, label=method)
     ax.set_xlabel("budget (% of full fine-tuning units)")
     ax.set_ylabel("validation accuracy (%)")

@@ -50,6 +50,7 @@ class FinetuneSpec:
     overflow: str = "skip"
     ranking: str | None = None  # path to ranking.json; computed when needed and absent
     rank_epochs: int = 1
+    rank_lr: float = 0.01  # full fine-tuning for the ranking diverges at 0.125 (docs/reproduction.md)
     threshold: float = DEFAULT_THRESHOLD
     top_k: list[str] | None = None  # explicit candidate layers (from a plan)
     engine: str = "torch-masked"
@@ -112,7 +113,7 @@ def compute_ranking(prep: Prepared, spec: FinetuneSpec, progress: Progress, scor
     sampler = ChannelSampler(
         "full", [CandidateLayer(n, c.in_channels, 0.0) for n, c in by_name.items()], None, spec.seed
     )
-    config = TrainConfig(spec.rank_epochs, spec.batch_size, spec.lr, 0, spec.seed)
+    config = TrainConfig(spec.rank_epochs, spec.batch_size, spec.rank_lr, 0, spec.seed)
     initial = {k: v.clone() for k, v in prep.built.module.state_dict().items()}
     with tempfile.TemporaryDirectory() as tmp:
         train(engine, sampler, prep.train, None, config, Path(tmp), progress)
@@ -122,7 +123,7 @@ def compute_ranking(prep: Prepared, spec: FinetuneSpec, progress: Progress, scor
         "per_class": spec.per_class,
         "epochs": spec.rank_epochs,
         "batch_size": spec.batch_size,
-        "lr": spec.lr,
+        "lr": spec.rank_lr,
         "seed": spec.seed,
     }
     return build_ranking(spec.model, spec.image_size, rgn, lara, spec.threshold, score, source)

@@ -134,6 +134,6 @@ def estimate_memory(engine: str, shape: RunShape) -> MemoryEstimate:
                 "activation gradients of the widest layer",
             ),
             MemoryPart("optimizer state", 0, "train", "plain SGD keeps none"),
-        MemoryPart("checkpoint writing", int(saving), "train", "ORT serialises the weights to save them"),
+            MemoryPart("checkpoint writing", int(saving), "train", "ORT serialises the weights to save them"),
         ],
     )

@@ -20,7 +20,13 @@ from .options import data_options, model_options
     help="Epochs of full fine-tuning while gradients are accumulated.",
 )
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
-@click.option("--lr", type=float, default=0.125, show_default=True)
+@click.option(
+    "--lr",
+    type=float,
+    default=0.01,
+    show_default=True,
+    help="Learning rate of the full fine-tuning (0.125 diverges on pretrained models).",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option(
     "--threshold",
@@ -72,7 +78,7 @@ def command(
         method="full",
         budget="100%",
         batch_size=batch_size,
-        lr=lr,
+        rank_lr=lr,
         seed=seed,
         rank_epochs=epochs,
         threshold=threshold,
