@@ -102,3 +102,19 @@ def test_bad_budget_is_a_clear_error(text: str) -> None:
 def test_format_bytes() -> None:
     assert format_bytes(1536) == "1.5 KiB"
     assert format_bytes(3 * 2**30) == "3.0 GiB"
+
+
+def test_model_factory_from_a_file_gets_a_new_head(tmp_path) -> None:
+    factory = tmp_path / "net.py"
+    factory.write_text(
+        "from torch import nn\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Conv2d(3, 8, 3, groups=1), nn.BatchNorm2d(8), nn.ReLU(),\n"
+        "                         nn.Conv2d(8, 8, 3, groups=8), nn.AdaptiveAvgPool2d(1), nn.Flatten(),\n"
+        "                         nn.Linear(8, 1000))\n"
+    )
+    built = build_model(f"{factory}:make", num_classes=5, image_size=16)
+    assert built.classifier == "6"
+    assert built.module(torch.zeros(2, 3, 16, 16)).shape == (2, 5)
+    kinds = [layer.kind for layer in trace_layers(built.module, 16)]
+    assert kinds == ["conv", "dwconv", "linear"]
