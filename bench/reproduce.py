@@ -186,7 +186,7 @@ def write_report(rows: list[dict], args: argparse.Namespace) -> None:
         "# Reproduction: EfficientNet-Lite0 -> Fashion-MNIST\n\n"
         f"Command: `{command}`\n\n"
         f"Validation top-1 accuracy (%), mean ± std over seeds; full fine-tuning = {full_units:,} units at "
-        f"{args.image_size} px. Raw rows: `bench/results/reproduce.csv`; plot: `bench/results/reproduce.png`.\n\n"
+        f"{args.image_size} px. Raw rows: `bench/results/reproduce*.csv`; plot: `bench/results/reproduce.png`.\n\n"
         f"{table}\n\n<!-- table -->{body}"
     )
     _plot(cell, methods, budgets, RESULTS / "reproduce.png", args.image_size)
