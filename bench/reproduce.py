@@ -194,24 +194,38 @@ def write_report(rows: list[dict], args: argparse.Namespace) -> None:
 
 def _plot(cell: dict, methods: list[str], budgets: list[str], path: Path, image_size: int) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     xs = [float(b.rstrip("%")) for b in budgets]
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    diverged = []
     for method in methods:
         reference = method.split(" @")[0] in REFERENCES
         keys = [(method, "-")] * len(budgets) if reference else [(method, b) for b in budgets]
         means = [statistics.mean(cell[k]) if cell.get(k) else float("nan") for k in keys]
         stds = [statistics.stdev(cell[k]) if len(cell.get(k, [])) > 1 else 0.0 for k in keys]
-        style = "--" if reference else "-o"
-        ax.errorbar(xs, means, yerr=stds, fmt=style, capsize=3, label=method)
+        if min(means) < 50:  # diverged at this learning rate: listed, not drawn (it would flatten the rest)
+            diverged.append(f"{method} ({min(means):.0f}-{max(means):.0f} %)")
+            continue
+        ax.errorbar(xs, means, yerr=stds, fmt="--" if reference else "-o", capsize=3, label=method)
+    if diverged:
+        ax.text(
+            0.01,
+            0.02,
+            "diverged at lr 0.125, not drawn: " + ", ".join(diverged),
+            transform=ax.transAxes,
+            fontsize=7,
+            color="gray",
+        )
     ax.set_xlabel("budget (% of full fine-tuning units)")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(f"EfficientNet-Lite0 -> Fashion-MNIST, {image_size} px")
     ax.set_xscale("log")
     ax.set_xticks(xs, [f"{x:g}%" for x in xs])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
