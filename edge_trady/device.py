@@ -320,6 +320,13 @@ def _cgroup_dirs(v1_controller: str) -> list[tuple[Path, bool]]:
     return dirs
 
 
+def available_memory_bytes() -> int:
+    """Memory this process may still take: available RAM, or less inside a memory-limited cgroup."""
+    available = int(psutil.virtual_memory().available)
+    cgroup = _cgroup_memory()
+    return min(available, max(cgroup[0] - cgroup[1], 0)) if cgroup else available
+
+
 def _cgroup_memory() -> tuple[int, int] | None:
     """``(limit, usage without inactive page cache)`` of a limited memory cgroup, else None."""
     best: tuple[int, int] | None = None

@@ -9,11 +9,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import psutil
-
 from .budget import Budget, format_bytes
 from .data import Dataset, Normalization, load_dataset
-from .device import _cgroup_memory
+from .device import available_memory_bytes
 from .errors import DataError, MemoryGuardError, PlanError
 from .layers import LayerCost, channel_costs
 from .loop import TrainConfig, evaluate, train
@@ -57,13 +55,6 @@ def plan_sampler(plan: Plan) -> ChannelSampler:
     names = [layer.name for layer in layers]
     budget = Budget(plan.budget, plan.budget_unit)
     return channel_sampler(plan.method, layers, names, budget, plan.batch_size, plan.seed, plan.overflow)
-
-
-def available_memory_bytes() -> int:
-    """Memory this process may still take: available RAM, or less inside a memory-limited cgroup."""
-    available = int(psutil.virtual_memory().available)
-    cgroup = _cgroup_memory()
-    return min(available, max(cgroup[0] - cgroup[1], 0)) if cgroup else available
 
 
 def check_memory(predicted_peak: int, force: bool, progress: Progress) -> None:
