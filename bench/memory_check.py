@@ -13,13 +13,11 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+from benchlib import RESULTS, ROOT, cli, ensure_ranking
+
 MiB = 2**20
 
 
@@ -39,26 +37,7 @@ def main() -> None:
         help="explicit rows instead of engines x batch sizes x budgets",
     )
     args = parser.parse_args()
-    ranking = RESULTS / f"ranking-efficientnet-lite0-{args.image_size}px.json"
-    if not ranking.exists():
-        _cli(
-            "rank",
-            "--model",
-            "efficientnet-lite0",
-            "--data",
-            "fashion-mnist",
-            "--per-class",
-            "20",
-            "--image-size",
-            str(args.image_size),
-            "--epochs",
-            "1",
-            "--lr",
-            "0.01",
-            "--quiet",
-            "-o",
-            str(ranking),
-        )
+    ranking = ensure_ranking(args.image_size)
     wanted = (
         [tuple(r.split(":")) for r in args.rows]
         if args.rows
@@ -84,7 +63,7 @@ def main() -> None:
 def measure(engine: str, batch: int, budget: str, ranking: Path, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         plan = Path(tmp) / "plan.json"
-        _cli(
+        cli(
             "plan",
             "--model",
             "efficientnet-lite0",
@@ -114,8 +93,8 @@ def measure(engine: str, batch: int, budget: str, ranking: Path, args: argparse.
         run = Path(tmp) / "run"
         if engine == "ort":
             artifact = Path(tmp) / "artifact"
-            _cli("export", str(plan), "-o", str(artifact))
-            _cli(
+            cli("export", str(plan), "-o", str(artifact))
+            cli(
                 "run",
                 str(artifact),
                 "--train",
@@ -128,7 +107,7 @@ def measure(engine: str, batch: int, budget: str, ranking: Path, args: argparse.
                 "--force",
             )
         else:
-            _cli(
+            cli(
                 "finetune",
                 "--plan",
                 str(plan),
@@ -155,10 +134,6 @@ def measure(engine: str, batch: int, budget: str, ranking: Path, args: argparse.
         "error_pct": 100 * (peak - measured) / measured,
         "parts_mib": json.dumps(parts),
     }
-
-
-def _cli(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "edge_trady", *args], check=True)
 
 
 def _read(path: Path) -> list[dict]:

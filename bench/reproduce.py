@@ -15,13 +15,11 @@ from __future__ import annotations
 import argparse
 import csv
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+from benchlib import RESULTS, ROOT, ensure_ranking
+
 BUDGETED = ["trady", "s-topk-random", "d-full-random", "s-full-random", "d-det-rgn"]
 REFERENCES = ["full", "classifier-only"]
 FIELDS = [
@@ -61,33 +59,7 @@ def run_all(args: argparse.Namespace) -> None:
     from edge_trady.progress import Progress
 
     args.csv.parent.mkdir(parents=True, exist_ok=True)
-    ranking = RESULTS / f"ranking-efficientnet-lite0-{args.image_size}px.json"
-    if not ranking.exists():  # ranked once per architecture, on a disjoint subset (seed 100)
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "edge_trady",
-                "rank",
-                "--model",
-                "efficientnet-lite0",
-                "--data",
-                "fashion-mnist",
-                "--per-class",
-                "50",
-                "--image-size",
-                str(args.image_size),
-                "--epochs",
-                "1",
-                "--lr",
-                "0.01",
-                "--seed",
-                "100",
-                "-o",
-                str(ranking),
-            ],
-            check=True,
-        )
+    ranking = ensure_ranking(args.image_size, per_class=50, seed=100)  # once, on a disjoint subset
     suffix = "" if args.lr == 0.125 else f" @lr{args.lr:g}"
     done = {(r["method"], r["budget"], r["seed"]) for r in _read(args.csv)}
     jobs = [(m, b, s) for s in args.seeds for m in args.methods for b in (args.budgets if m in BUDGETED else ["-"])]

@@ -50,8 +50,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+from benchlib import RESULTS, ROOT, ensure_ranking, reset_peak_rss
+
 DOC = ROOT / "docs" / "savings.md"
 MODEL = "efficientnet-lite0"
 MiB = 2**20
@@ -86,15 +86,6 @@ LIBC = _libc()
 def malloc_trim() -> None:
     if LIBC is not None and hasattr(LIBC, "malloc_trim"):
         LIBC.malloc_trim(0)
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 def activation_trace(model, image_size: int) -> list[tuple[str, str, int, int]]:
@@ -262,34 +253,6 @@ def worker(cfg: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- parent
-
-
-def ensure_ranking(size: int) -> Path:
-    path = RESULTS / f"ranking-{MODEL}-{size}px.json"
-    if not path.exists():
-        command = [
-            sys.executable,
-            "-m",
-            "edge_trady",
-            "rank",
-            "--model",
-            MODEL,
-            "--data",
-            "fashion-mnist",
-            "--per-class",
-            "20",
-            "--image-size",
-            str(size),
-            "--epochs",
-            "1",
-            "--lr",
-            "0.01",
-            "--quiet",
-            "-o",
-            str(path),
-        ]
-        subprocess.run(command, check=True)
-    return path
 
 
 def run_row(cfg: dict) -> list[dict]:

@@ -33,22 +33,14 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+from benchlib import RESULTS, ROOT, cli, ensure_ranking, reset_peak_rss
+
 DOC = ROOT / "docs" / "speed.md"
 MODEL = "efficientnet-lite0"
 MiB = 2**20
 MARKER = "<!-- discussion -->"
 ENGINES = ("ort", "torch-masked", "torch-sparse", "torch-full")
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-
-
-def reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 def worker(cfg: dict) -> dict:
@@ -124,22 +116,15 @@ def worker(cfg: dict) -> dict:
     }
 
 
-def _cli(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "edge_trady", *args, "--quiet"], check=True)
-
-
 def make_artifact(directory: Path, args: argparse.Namespace) -> Path:
-    ranking = RESULTS / f"ranking-{MODEL}-{args.image_size}px.json"
-    common = ["--model", MODEL, "--data", "fashion-mnist", "--per-class", str(args.per_class)]
-    if not ranking.exists():
-        _cli("rank", *common, "--image-size", str(args.image_size), "--epochs", "1", "--lr", "0.01",
-             "-o", str(ranking))  # fmt: skip
+    ranking = ensure_ranking(args.image_size, per_class=args.per_class)
+    common = ["--model", MODEL, "--data", "fashion-mnist", "--per-class", str(args.per_class), "--quiet"]
     plan = directory / "plan.json"
-    _cli("plan", *common, "--image-size", str(args.image_size), "--profile", args.profile, "--engine", "ort",
+    cli("plan", *common, "--image-size", str(args.image_size), "--profile", args.profile, "--engine", "ort",
          "--batch-size", str(args.batch_size), "--budget", args.budget, "--ranking", str(ranking),
          "--epochs", "1", "-o", str(plan))  # fmt: skip
     artifact = directory / "artifact"
-    _cli("export", str(plan), "-o", str(artifact))
+    cli("export", str(plan), "-o", str(artifact), "--quiet")
     return artifact
 
 
