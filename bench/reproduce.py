@@ -55,8 +55,8 @@ def main() -> None:
 
 
 def run_all(args: argparse.Namespace) -> None:
-    from edge_trady.finetune import FinetuneSpec, run_finetune
-    from edge_trady.progress import Progress
+    from edge_trady.device.progress import Progress
+    from edge_trady.workstation.finetune import FinetuneSpec, run_finetune
 
     args.csv.parent.mkdir(parents=True, exist_ok=True)
     ranking = ensure_ranking(args.image_size, per_class=50, seed=100)  # once, on a disjoint subset

@@ -165,16 +165,16 @@ def worker(cfg: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from edge_trady.budget import parse_budget
-    from edge_trady.cost_trace import trace_layers
-    from edge_trady.data import epoch_order, load_dataset
-    from edge_trady.engine_sparse import SavedTensorLedger, TorchSparseEngine
-    from edge_trady.engine_torch import TorchMaskedEngine
-    from edge_trady.layers import full_units
-    from edge_trady.memwatch import current_rss_bytes, peak_rss_bytes
-    from edge_trady.models import build_model, model_normalization
-    from edge_trady.ranking import Ranking
-    from edge_trady.runner import channel_sampler
+    from edge_trady.core.budget import parse_budget
+    from edge_trady.core.layers import full_units
+    from edge_trady.device.data import epoch_order, load_dataset
+    from edge_trady.device.memwatch import current_rss_bytes, peak_rss_bytes
+    from edge_trady.device.runner import channel_sampler
+    from edge_trady.engines.torch_masked import TorchMaskedEngine
+    from edge_trady.engines.torch_sparse import SavedTensorLedger, TorchSparseEngine
+    from edge_trady.workstation.cost_trace import trace_layers
+    from edge_trady.workstation.models import build_model, model_normalization
+    from edge_trady.workstation.ranking import Ranking
 
     size, batch, seed, engine_name = cfg["image_size"], cfg["batch_size"], cfg["seed"], cfg["engine"]
     data = load_dataset("fashion-mnist", "train", size, model_normalization(MODEL), cfg["per_class"], seed)

@@ -6,7 +6,7 @@ top-K of bench/results/ranking-efficientnet-lite0-64px.json) exported as an arti
 ``torch.set_num_threads(1)``, ORT ``intra_op_num_threads=1``), on the same Fashion-MNIST batches and
 the plan's epoch-0 selection:
 
-- ``ort``: ``engine_ort.OrtEngine`` on the artifact (numpy + onnxruntime only, as ``edge-trady run``);
+- ``ort``: ``engines.ort_training.OrtEngine`` on the artifact (numpy + onnxruntime only, as ``edge-trady run``);
 - ``torch-masked`` / ``torch-sparse``: the PyTorch engines, model built from the plan's seed;
 - ``torch-full``: every Conv/Linear weight trained (torch-masked engine, method ``full``).
 
@@ -45,11 +45,11 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THRE
 
 def worker(cfg: dict) -> dict:
     """One engine in this (fresh) process: set up, time training steps, read the peaks."""
-    from edge_trady.budget import Budget
-    from edge_trady.data import Normalization, epoch_order, load_dataset
-    from edge_trady.manifest import Manifest
-    from edge_trady.memwatch import current_rss_bytes, peak_rss_bytes
-    from edge_trady.runner import channel_sampler, plan_sampler
+    from edge_trady.core.budget import Budget
+    from edge_trady.device.data import Normalization, epoch_order, load_dataset
+    from edge_trady.device.manifest import Manifest
+    from edge_trady.device.memwatch import current_rss_bytes, peak_rss_bytes
+    from edge_trady.device.runner import channel_sampler, plan_sampler
 
     started = time.monotonic()
     artifact = Path(cfg["artifact"])
@@ -60,7 +60,7 @@ def worker(cfg: dict) -> dict:
     selection = plan_sampler(plan).select(0)
     name = cfg["engine"]
     if name == "ort":
-        from edge_trady.engine_ort import C, OrtEngine
+        from edge_trady.engines.ort_training import C, OrtEngine
 
         options = C.SessionOptions()
         options.intra_op_num_threads = 1
@@ -70,10 +70,10 @@ def worker(cfg: dict) -> dict:
         import torch
 
         torch.set_num_threads(1)
-        from edge_trady.cost_trace import trace_layers
-        from edge_trady.engine_sparse import TorchSparseEngine
-        from edge_trady.engine_torch import TorchMaskedEngine
-        from edge_trady.models import build_model
+        from edge_trady.engines.torch_masked import TorchMaskedEngine
+        from edge_trady.engines.torch_sparse import TorchSparseEngine
+        from edge_trady.workstation.cost_trace import trace_layers
+        from edge_trady.workstation.models import build_model
 
         built = build_model(plan.model, plan.num_classes, plan.image_size, plan.seed)
         layers = trace_layers(built.module, plan.image_size)

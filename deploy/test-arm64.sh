@@ -80,8 +80,8 @@ FT_EXTRA=${FT_EXTRA:-}   # extra finetune args, e.g. "--seed 0"
 # Modules the step needs besides the `finetune` command (the engine); the step is skipped while
 # one is missing (an error with --strict).
 case "$FT_ENGINE" in
-    torch-sparse) FT_NEEDS=${FT_NEEDS:-edge_trady/engine_sparse.py} ;;
-    torch-masked) FT_NEEDS=${FT_NEEDS:-edge_trady/engine_torch.py} ;;
+    torch-sparse) FT_NEEDS=${FT_NEEDS:-edge_trady/engines/torch_sparse.py} ;;
+    torch-masked) FT_NEEDS=${FT_NEEDS:-edge_trady/engines/torch_masked.py} ;;
     *) FT_NEEDS=${FT_NEEDS:-} ;;
 esac
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from edge_trady.cost_trace import trace_layers
-from edge_trady.models import build_model
+from edge_trady.workstation.cost_trace import trace_layers
+from edge_trady.workstation.models import build_model
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from edge_trady.cli import cli
-from edge_trady.runlog import read_jsonl
+from edge_trady.device.runlog import read_jsonl
 
 BASE = [
     "finetune",

@@ -1,4 +1,4 @@
-"""Tests of edge_trady.data: loaders, subsets, splits, batches and error messages."""
+"""Tests of edge_trady.device.data: loaders, subsets, splits, batches and error messages."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edge_trady.data import (
+from edge_trady.device.data import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
     FASHION_MNIST_ENV,
@@ -323,7 +323,7 @@ def test_missing_fashion_mnist_directory(tmp_path: Path) -> None:
 
 
 def test_import_without_torch() -> None:
-    code = "import sys; sys.modules['torch'] = None; import edge_trady.data; print('ok')"
+    code = "import sys; sys.modules['torch'] = None; import edge_trady.device.data; print('ok')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"

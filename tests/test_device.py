@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from edge_trady.commands.profile import command
-from edge_trady.device import (
+from edge_trady.device.profile import (
     DEFAULT_PROFILES_DIR,
     PROFILES_ENV,
     SCHEMA_VERSION,
@@ -186,7 +186,7 @@ def test_profile_runs_without_torch() -> None:
     code = (
         "import sys; sys.modules['torch'] = None\n"
         "from edge_trady.commands.profile import command\n"
-        "from edge_trady.device import measure_profile\n"
+        "from edge_trady.device.profile import measure_profile\n"
         "p = measure_profile(engines=('ort', 'torch'), benchmark_seconds=0)\n"
         "assert 'torch' not in p.runtime_baseline_bytes\n"
         "assert sys.modules['torch'] is None\n"
@@ -230,7 +230,7 @@ def test_dataclass_fields_match_readme() -> None:
     ],
 )
 def test_cgroup_limits(monkeypatch, files, memory, cpus) -> None:
-    from edge_trady import device
+    from edge_trady.device import profile as device
 
     monkeypatch.setattr(device, "_read", lambda path: files.get(str(path)))
     assert device._cgroup_memory() == memory

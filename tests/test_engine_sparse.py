@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from edge_trady.cost_trace import trace_layers
-from edge_trady.engine_sparse import SavedTensorLedger, TorchSparseEngine
-from edge_trady.engine_torch import TorchMaskedEngine
-from edge_trady.masks import channel_mask
-from edge_trady.models import build_model, classifier_name
-from edge_trady.selection import Selection
-from edge_trady.sparse_ops import pack_bits, unpack_bits
+from edge_trady.core.masks import channel_mask
+from edge_trady.core.selection import Selection
+from edge_trady.engines.sparse_ops import pack_bits, unpack_bits
+from edge_trady.engines.torch_masked import TorchMaskedEngine
+from edge_trady.engines.torch_sparse import SavedTensorLedger, TorchSparseEngine
+from edge_trady.workstation.cost_trace import trace_layers
+from edge_trady.workstation.models import build_model, classifier_name
 
 
 def _batch(seed: int, size: int = 32) -> tuple[np.ndarray, np.ndarray]:

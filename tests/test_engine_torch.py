@@ -2,10 +2,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from edge_trady.data import load_dataset
-from edge_trady.engine_torch import TorchMaskedEngine
-from edge_trady.masks import channel_mask
-from edge_trady.selection import Selection
+from edge_trady.core.masks import channel_mask
+from edge_trady.core.selection import Selection
+from edge_trady.device.data import load_dataset
+from edge_trady.engines.torch_masked import TorchMaskedEngine
 
 
 def _batch(seed: int = 0, n: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -81,8 +81,8 @@ def test_unselected_channels_and_layers_stay_bit_identical(tiny_model) -> None:
 
 
 def test_training_lowers_the_loss_on_real_data() -> None:
-    from edge_trady.cost_trace import trace_layers
-    from edge_trady.models import build_model
+    from edge_trady.workstation.cost_trace import trace_layers
+    from edge_trady.workstation.models import build_model
 
     built = build_model("efficientnet-lite0", 10, 32)
     layers = trace_layers(built.module, 32)

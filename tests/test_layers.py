@@ -2,11 +2,11 @@ import pytest
 import torch
 from torch import nn
 
-from edge_trady.budget import Budget, format_bytes, parse_budget
-from edge_trady.cost_trace import trace_layers
+from edge_trady.core.budget import Budget, format_bytes, parse_budget
+from edge_trady.core.layers import LayerCost, full_units
 from edge_trady.errors import EdgeTradyError
-from edge_trady.layers import LayerCost, full_units
-from edge_trady.models import build_model
+from edge_trady.workstation.cost_trace import trace_layers
+from edge_trady.workstation.models import build_model
 
 
 class FourLayers(nn.Module):

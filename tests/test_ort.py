@@ -12,15 +12,15 @@ import pytest
 import torch
 from torch import nn
 
-from edge_trady.cost_trace import trace_layers
-from edge_trady.engine_ort import OrtEngine, export_inference
-from edge_trady.engine_torch import TorchMaskedEngine
+from edge_trady.core.masks import channel_mask
+from edge_trady.core.selection import Selection
+from edge_trady.engines.ort_runtime import ArtifactLayout
+from edge_trady.engines.ort_training import OrtEngine, export_inference
+from edge_trady.engines.torch_masked import TorchMaskedEngine
 from edge_trady.errors import ArtifactError
-from edge_trady.masks import channel_mask
-from edge_trady.models import build_model
-from edge_trady.ort_export import export_training_artifact
-from edge_trady.ort_runtime import ArtifactLayout
-from edge_trady.selection import Selection
+from edge_trady.workstation.cost_trace import trace_layers
+from edge_trady.workstation.export_ort_training import export_training_artifact
+from edge_trady.workstation.models import build_model
 
 SIZE = 32
 DW, PW, PROJECT, IDLE = (
@@ -130,17 +130,17 @@ def test_device_side_imports_and_trains_without_torch(mobilenet) -> None:
     script = f"""
 import sys
 import numpy as np
-import edge_trady.engine_ort as ort
+import edge_trady.engines.ort_training as ort
 assert "torch" not in sys.modules and "onnx" not in sys.modules, "pulled in by onnxruntime"
 sys.modules["torch"] = None
-from edge_trady.selection import Selection
+from edge_trady.core.selection import Selection
 engine = ort.OrtEngine({str(directory)!r})
 engine.set_selection(Selection(0, {{{PW!r}: np.array([1, 2])}}, 0.0))
 x = np.zeros((4, 3, {SIZE}, {SIZE}), np.float32)
 loss, correct = engine.train_step(x, np.array([0, 1, 2, 3]), 0.1)
 print(round(loss, 3), engine.predict(x).shape)
 """
-    blocked = "import sys; sys.modules['torch'] = None; import edge_trady.engine_ort"
+    blocked = "import sys; sys.modules['torch'] = None; import edge_trady.engines.ort_training"
     subprocess.run([sys.executable, "-c", blocked], check=True, cwd=REPO)
     done = subprocess.run([sys.executable, "-c", script], check=True, cwd=REPO, capture_output=True, text=True)
     assert done.stdout.strip().endswith("(4, 10)")

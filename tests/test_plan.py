@@ -8,15 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from edge_trady.cost_trace import trace_layers
-from edge_trady.device import load_profile
-from edge_trady.engine_torch import TorchMaskedEngine
-from edge_trady.footprint import trace_footprint
-from edge_trady.memory import RunShape, estimate_memory
-from edge_trady.plan import Plan
-from edge_trady.planner import PlanRequest, make_plan
-from edge_trady.progress import Progress
-from edge_trady.selection import Selection
+from edge_trady.core.memory import RunShape, estimate_memory
+from edge_trady.core.plan import Plan
+from edge_trady.core.selection import Selection
+from edge_trady.device.profile import load_profile
+from edge_trady.device.progress import Progress
+from edge_trady.engines.torch_masked import TorchMaskedEngine
+from edge_trady.workstation.cost_trace import trace_layers
+from edge_trady.workstation.footprint import trace_footprint
+from edge_trady.workstation.planner import PlanRequest, make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 RANKING_64 = ROOT / "bench" / "results" / "ranking-efficientnet-lite0-64px.json"
@@ -122,7 +122,7 @@ def test_efficientnet_plans_fit_the_named_boards(board: str, tmp_path: Path) -> 
 
 
 def test_impossible_budget_is_refused_with_what_would_fit(tmp_path: Path) -> None:
-    profile = json.loads((ROOT / "profiles" / "raspberry-pi-zero-2w.json").read_text())
+    profile = json.loads((ROOT / "edge_trady" / "profiles" / "raspberry-pi-zero-2w.json").read_text())
     profile |= {"name": "tiny-board", "total_memory_bytes": 400 * 2**20, "available_memory_bytes": 330 * 2**20,
                 "os_reserved_bytes": 70 * 2**20}  # fmt: skip
     path = tmp_path / "tiny.json"

@@ -24,20 +24,20 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from edge_trady.cli import cli
-from edge_trady.cost_trace import trace_layers
-from edge_trady.engine_ort import OrtEngine
+from edge_trady.core.masks import channel_mask
+from edge_trady.device.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest
+from edge_trady.device.runlog import read_jsonl
+from edge_trady.engines.ort_training import OrtEngine
 from edge_trady.errors import ArtifactError
-from edge_trady.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest
-from edge_trady.masks import channel_mask
-from edge_trady.models import build_model
-from edge_trady.ranking import build_ranking
-from edge_trady.runlog import read_jsonl
+from edge_trady.workstation.cost_trace import trace_layers
+from edge_trady.workstation.models import build_model
+from edge_trady.workstation.ranking import build_ranking
 
 FACTORY = '''
 import torch
 from torch import nn
 
-from edge_trady.mobilenetv2 import MobileNetV2
+from edge_trady.workstation.mobilenetv2 import MobileNetV2
 
 
 def mobilenet(num_classes):

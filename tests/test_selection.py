@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
+from edge_trady.core.layers import LayerCost
+from edge_trady.core.masks import channel_mask
+from edge_trady.core.selection import METHODS, CandidateLayer, ChannelSampler, candidate_names
 from edge_trady.errors import EdgeTradyError
-from edge_trady.layers import LayerCost
-from edge_trady.masks import channel_mask
-from edge_trady.selection import METHODS, CandidateLayer, ChannelSampler, candidate_names
 
 POOL = [CandidateLayer("a", 40, 3.0), CandidateLayer("b", 16, 7.0), CandidateLayer("c", 8, 50.0)]
 RANDOM_METHODS = ["trady", "s-topk-random", "d-full-random", "s-full-random"]

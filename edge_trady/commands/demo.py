@@ -46,12 +46,12 @@ def command(out_dir: str, per_class: int, image_size: int, epochs: int, budget: 
     4. run it with the device runner in a fresh process that never imports torch;
     5. evaluate the exported inference model with plain onnxruntime.
     """
-    from ..budget import format_bytes
-    from ..commands.export import export_plan
-    from ..device import measure_profile
-    from ..planner import PlanRequest, make_plan
-    from ..plots import plot_memory
-    from ..progress import Progress
+    from ..core.budget import format_bytes
+    from ..device.profile import measure_profile
+    from ..device.progress import Progress
+    from ..workstation.planner import PlanRequest, make_plan
+    from ..workstation.plots import plot_memory
+    from .export import export_plan
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -33,10 +33,10 @@ def command(model_path: str, data_spec: str, split: str, per_class: int | None, 
 
       edge-trady evaluate run/model.onnx --data fashion-mnist --per-class 30 --verbose
     """
-    from ..data import Normalization, load_dataset
-    from ..loop import evaluate
-    from ..manifest import ModelInfo
-    from ..runner import check_data
+    from ..device.data import Normalization, load_dataset
+    from ..device.loop import evaluate
+    from ..device.manifest import ModelInfo
+    from ..device.runner import check_data
 
     path = Path(model_path)
     info = ModelInfo.load(path)
@@ -60,8 +60,8 @@ class InferenceModel:
     predicted classes in call order."""
 
     def __init__(self, path: Path, input_name: str) -> None:
+        from ..engines.ort_runtime import ort_bindings
         from ..errors import ArtifactError
-        from ..ort_runtime import ort_bindings
 
         ort_bindings()  # imports onnxruntime without letting it import torch
         import onnxruntime

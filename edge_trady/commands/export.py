@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 import click
 
 if TYPE_CHECKING:
-    from ..manifest import Manifest
-    from ..plan import Plan
+    from ..core.plan import Plan
+    from ..device.manifest import Manifest
 
 
 @click.command("export")
@@ -34,7 +34,7 @@ def command(plan_path: str, out_dir: str, quiet: bool) -> None:
 
       edge-trady export plan.json -o artifact/
     """
-    from ..plan import Plan
+    from ..core.plan import Plan
 
     manifest = export_plan(Plan.load(Path(plan_path)), Path(out_dir))
     if not quiet:
@@ -55,13 +55,13 @@ def export_plan(plan: Plan, out_dir: Path) -> Manifest:
     import onnxruntime
     import torch
 
-    from .. import __version__
-    from ..cost_trace import trace_layers
+    from ..device.manifest import MANIFEST_FILE, Manifest, hash_files
+    from ..device.runner import plan_sampler
     from ..errors import ArtifactError
-    from ..manifest import MANIFEST_FILE, Manifest, hash_files
-    from ..models import build_model
-    from ..ort_export import INPUT, export_training_artifact
-    from ..runner import plan_sampler
+    from ..workstation.cost_trace import trace_layers
+    from ..workstation.export_ort_training import INPUT, export_training_artifact
+    from ..workstation.models import build_model
+    from .. import __version__
 
     if plan.engine != "ort":
         raise ArtifactError(

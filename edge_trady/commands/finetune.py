@@ -49,12 +49,12 @@ def command(ctx: click.Context, plan_path: str | None, out_dir: str, resume: boo
       edge-trady finetune --model efficientnet-lite0 --data fashion-mnist --per-class 100
       --image-size 64 --method trady --budget 2% --epochs 10 --out runs/trady
     """
-    from ..finetune import FinetuneSpec, run_finetune
-    from ..progress import Progress
+    from ..device.progress import Progress
+    from ..workstation.finetune import FinetuneSpec, run_finetune
 
     fields = {k: v for k, v in options.items() if k in FinetuneSpec.__dataclass_fields__}
     if plan_path:
-        from ..plan import Plan
+        from ..core.plan import Plan
 
         explicit = {k for k in fields if ctx.get_parameter_source(k).name == "COMMANDLINE"}
         fields = Plan.load(Path(plan_path)).finetune_fields() | {k: fields[k] for k in explicit}

@@ -27,10 +27,10 @@ def command(model: str, image_size: int, num_classes: int, batch_size: int, as_j
     unit = Cw + Ca, bytes/ch at --batch-size (fp32), total units if fully updated, and the
     weight-gradient multiply-adds per channel and sample.
     """
-    from ..budget import format_bytes
-    from ..cost_trace import trace_layers
-    from ..layers import full_units
-    from ..models import build_model
+    from ..core.budget import format_bytes
+    from ..core.layers import full_units
+    from ..workstation.cost_trace import trace_layers
+    from ..workstation.models import build_model
 
     built = build_model(model, num_classes, image_size)
     layers = trace_layers(built.module, image_size)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import click
 
-from ..selection import METHODS, OVERFLOW_POLICIES
+from ..core.selection import METHODS, OVERFLOW_POLICIES
 
 Decorator = Callable[[Callable], Callable]
 

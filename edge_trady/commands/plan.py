@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..selection import METHODS, OVERFLOW_POLICIES
+from ..core.selection import METHODS, OVERFLOW_POLICIES
 from .options import model_options
 
 
@@ -87,9 +87,9 @@ def command(
       edge-trady plan --model efficientnet-lite0 --image-size 64 --profile raspberry-pi-3b
       --data fashion-mnist --per-class 50 -o plan.json --plot plan.png
     """
-    from ..device import load_profile
-    from ..planner import PlanRequest, make_plan
-    from ..progress import Progress
+    from ..device.profile import load_profile
+    from ..device.progress import Progress
+    from ..workstation.planner import PlanRequest, make_plan
 
     request = PlanRequest(
         model=model,
@@ -113,7 +113,7 @@ def command(
     plan = make_plan(request, Progress(quiet))
     plan.save(Path(output))
     if plot:
-        from ..plots import plot_memory
+        from ..workstation.plots import plot_memory
 
         plot_memory(plan.estimate, plan.usable_memory_bytes, f"{plan.model} on {plan.profile['name']}", Path(plot))
     if not quiet:
@@ -122,7 +122,7 @@ def command(
 
 
 def summary(plan) -> str:
-    from ..budget import format_bytes
+    from ..core.budget import format_bytes
 
     units = sum(layer["in_channels"] for layer in plan.layers)
     lines = [

@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 
 import click
 
-from ..budget import format_bytes, parse_bytes
+from ..core.budget import format_bytes, parse_bytes
 from ..errors import EdgeTradyError
 
 if TYPE_CHECKING:
-    from ..device import DeviceProfile
+    from ..device.profile import DeviceProfile
 
 ENGINE_CHOICES = ("ort", "torch")  # "python" (interpreter + numpy) is always measured
 
@@ -41,7 +41,7 @@ def _version(profile: DeviceProfile, module: str) -> str:
 
 def summary(profile: DeviceProfile) -> str:
     """Aligned ``key: value`` lines with human-readable sizes."""
-    from ..device import ENGINE_MODULES
+    from ..device.profile import ENGINE_MODULES
 
     rows = [
         ("name", profile.name),
@@ -125,7 +125,7 @@ def command(
       edge-trady profile --engines ort --bench-seconds 0 -q -o my-device.json
     """
 
-    from ..device import measure_profile
+    from ..device.profile import measure_profile
 
     def progress(message: str) -> None:
         if not quiet:

@@ -65,8 +65,8 @@ def command(
     Writes, per layer: RGN, LaRa, share and cumulative share, and K, the number of top layers
     whose cumulative share reaches --threshold (TraDy's preselected layers).
     """
-    from ..finetune import FinetuneSpec, compute_ranking, prepare
-    from ..progress import Progress
+    from ..device.progress import Progress
+    from ..workstation.finetune import FinetuneSpec, compute_ranking, prepare
 
     spec = FinetuneSpec(
         model=model,

@@ -65,8 +65,8 @@ def command(
 
       edge-trady run artifact/ --train fashion-mnist --per-class 30 --out run/
     """
-    from ..progress import Progress
-    from ..runner import RunRequest, run
+    from ..device.progress import Progress
+    from ..device.runner import RunRequest, run
 
     request = RunRequest(
         artifact=Path(artifact),

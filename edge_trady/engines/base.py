@@ -7,7 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .selection import Selection
+from ..core.selection import Selection
 
 
 class Engine(Protocol):

@@ -12,20 +12,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .budget import Budget, parse_budget
+from ..core.budget import Budget, parse_budget
+from ..core.layers import LayerCost, full_units
+from ..core.selection import CandidateLayer, ChannelSampler, Selection, method_spec
+from ..device.data import Dataset, epoch_order, load_dataset
+from ..device.loop import TrainConfig, evaluate, train
+from ..device.memwatch import peak_rss_bytes
+from ..device.progress import Progress
+from ..device.runner import channel_sampler
+from ..engines.torch_masked import TorchMaskedEngine
+from ..errors import EdgeTradyError
 from .cost_trace import trace_layers
-from .data import Dataset, epoch_order, load_dataset
-from .engine_torch import TorchMaskedEngine
-from .errors import EdgeTradyError
-from .layers import LayerCost, full_units
-from .loop import TrainConfig, evaluate, train
-from .memwatch import peak_rss_bytes
 from .models import BuiltModel, build_model, model_normalization
-from .progress import Progress
 from .ranking import DEFAULT_THRESHOLD, Ranking, build_ranking
 from .rgn import channel_rgn, layer_lara
-from .runner import channel_sampler
-from .selection import CandidateLayer, ChannelSampler, Selection, method_spec
 
 ENGINES = ("torch-masked", "torch-sparse", "ort")
 
@@ -153,12 +153,12 @@ def make_engine(prep: Prepared, spec: FinetuneSpec, out_dir: Path, trainable: li
     if spec.engine == "torch-masked":
         return TorchMaskedEngine(prep.built.module, prep.layers, prep.built.classifier)
     if spec.engine == "torch-sparse":
-        from .engine_sparse import TorchSparseEngine
+        from ..engines.torch_sparse import TorchSparseEngine
 
         return TorchSparseEngine(prep.built.module, prep.layers, prep.built.classifier)
     if spec.engine == "ort":
-        from .engine_ort import OrtEngine
-        from .ort_export import export_training_artifact
+        from ..engines.ort_training import OrtEngine
+        from .export_ort_training import export_training_artifact
 
         artifact = out_dir / "artifact"
         artifact.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import EdgeTradyError
+from ..errors import EdgeTradyError
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import EdgeTradyError
-from .layers import LayerCost
+from ..core.layers import LayerCost
+from ..errors import EdgeTradyError
 
 
 def trace_layers(model: nn.Module, image_size: int) -> list[LayerCost]:

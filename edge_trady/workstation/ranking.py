@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import EdgeTradyError
+from ..errors import EdgeTradyError
 
 DEFAULT_THRESHOLD = 0.97
 

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .selection import Selection
+from ..core.selection import Selection
 
 METRICS_FILE = "metrics.jsonl"
 SELECTION_FILE = "selection.jsonl"

@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
 
-from .errors import ArtifactError
-from .layers import LayerCost
+from ..core.layers import LayerCost
+from ..errors import ArtifactError
 
 FORMAT_VERSION = 1
 LAYOUT_FILE = "layout.json"

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .engine import Engine
-from .selection import Selection
+from ..core.selection import Selection
+from ..engines.base import Engine
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
-from .errors import PlanError
+from ..errors import PlanError
 from .layers import BYTES_PER_UNIT, LayerCost
 from .memory import MemoryEstimate
 

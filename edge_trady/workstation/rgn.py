@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .layers import LayerCost
+from ..core.layers import LayerCost
 
 
 def channel_grad_norms(layer: LayerCost, grad: torch.Tensor) -> torch.Tensor:

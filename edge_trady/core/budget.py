@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import EdgeTradyError
+from ..errors import EdgeTradyError
 
 _BYTE_SUFFIXES = {
     "b": 1,

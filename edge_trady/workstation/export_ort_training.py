@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from onnx import helper, numpy_helper
 from torch import fx, nn
 
-from .errors import ArtifactError
-from .layers import LayerCost
-from .masks import mask_shape
-from .ort_runtime import MASK_PREFIX, ArtifactLayout
+from ..core.layers import LayerCost
+from ..core.masks import mask_shape
+from ..engines.ort_runtime import MASK_PREFIX, ArtifactLayout
+from ..errors import ArtifactError
 
 INPUT, LABELS, LOGITS = "input", "labels", "logits"
 log = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""Device profiles: memory, CPU and runtime facts the planner needs, as JSON (profiles/README.md).
+"""Device profiles: memory, CPU and runtime facts the planner needs, as JSON
+(schema: edge_trady/profiles/README.md).
 
 Runs on the device: no torch here. Engine baselines are measured in fresh subprocesses.
 """
@@ -25,14 +26,14 @@ from typing import Any
 import numpy as np
 import psutil
 
-from . import __version__
-from .errors import ProfileError
+from .. import __version__
+from ..errors import ProfileError
 
 SCHEMA_VERSION = 1
 ENGINE_MODULES = {"python": "numpy", "ort": "onnxruntime", "torch": "torch"}  # engine -> module
 ENGINES = tuple(ENGINE_MODULES)
 PROFILES_ENV = "EDGE_TRADY_PROFILES"
-DEFAULT_PROFILES_DIR = Path(__file__).resolve().parents[1] / "profiles"
+DEFAULT_PROFILES_DIR = Path(__file__).resolve().parents[1] / "profiles"  # package data
 PROBE_TIMEOUT_S = 600
 
 
@@ -116,7 +117,7 @@ def _validate(data: Any, where: str) -> None:
     if "schema_version" in data and data["schema_version"] != SCHEMA_VERSION:
         raise ProfileError(
             f"{where}: field 'schema_version' is {data['schema_version']!r}; this edge-trady "
-            f"reads version {SCHEMA_VERSION} (see profiles/README.md)"
+            f"reads version {SCHEMA_VERSION} (see edge_trady/profiles/README.md)"
         )
     unknown = sorted(set(data) - set(_FIELDS))
     if unknown:
@@ -153,7 +154,8 @@ def _validate(data: Any, where: str) -> None:
 
 
 def profiles_dir() -> Path:
-    """Where bare profile names are looked up: ``$EDGE_TRADY_PROFILES`` or the repo's profiles/."""
+    """Where bare profile names are looked up: ``$EDGE_TRADY_PROFILES``, else the profiles shipped
+    in the package (``edge_trady/profiles/``)."""
     return Path(os.environ.get(PROFILES_ENV) or DEFAULT_PROFILES_DIR)
 
 
@@ -248,7 +250,7 @@ def _probe_script(engine: str) -> str:
     # Block torch outside its own probe: onnxruntime-training's `import onnxruntime` imports torch
     # (for ORTModule) whenever it can, which a torch-free device runner does not pay for.
     guard = "" if engine == "torch" else "import sys\nsys.modules['torch'] = None\n"
-    return guard + work + "from edge_trady.memwatch import peak_rss_bytes\nprint(peak_rss_bytes())\n"
+    return guard + work + "from edge_trady.device.memwatch import peak_rss_bytes\nprint(peak_rss_bytes())\n"
 
 
 def measure_engine_baseline(engine: str) -> int | None:

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import IMAGENET, MINUS_ONE_TO_ONE, Normalization
-from .errors import EdgeTradyError
+from ..device.data import IMAGENET, MINUS_ONE_TO_ONE, Normalization
+from ..errors import EdgeTradyError
 
 BUILTINS = ("efficientnet-lite0", "mobilenetv2-w<width>")
 _MOBILENET = re.compile(r"^mobilenetv2-w(\d+(?:\.\d+)?)$")

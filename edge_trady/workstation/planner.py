@@ -7,20 +7,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .budget import format_bytes, parse_budget
+from ..core.budget import format_bytes, parse_budget
+from ..core.layers import LayerCost, full_units
+from ..core.memory import MemoryEstimate, RunShape, estimate_memory
+from ..core.plan import Plan
+from ..core.selection import Selection, candidate_names, method_spec
+from ..device.data import Dataset, load_dataset, load_transient_bytes
+from ..device.profile import DeviceProfile
+from ..device.progress import Progress
+from ..engines.torch_masked import TorchMaskedEngine
+from ..errors import PlanError
 from .cost_trace import trace_layers
-from .data import Dataset, load_dataset, load_transient_bytes
-from .device import DeviceProfile
-from .engine_torch import TorchMaskedEngine
-from .errors import PlanError
 from .footprint import Footprint, trace_footprint
-from .layers import LayerCost, full_units
-from .memory import MemoryEstimate, RunShape, estimate_memory
 from .models import BuiltModel, build_model, model_normalization
-from .plan import Plan
-from .progress import Progress
 from .ranking import Ranking
-from .selection import Selection, candidate_names, method_spec
 
 DEFAULT_TRAIN_IMAGES = 1000
 
@@ -175,7 +175,7 @@ def _footprint(setup: _Setup, engine: str, layers: list[LayerCost], image_size: 
     """Trace what the engine keeps when ``layers`` are trainable (all channels; sparse: one each)."""
     model = setup.built.module
     if engine == "torch-sparse":
-        from .engine_sparse import TorchSparseEngine
+        from ..engines.torch_sparse import TorchSparseEngine
 
         traced = TorchSparseEngine(model, setup.layers, setup.built.classifier)
         selection = Selection(0, {layer.name: np.array([0]) for layer in layers}, 0.0)

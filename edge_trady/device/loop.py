@@ -13,15 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.schedule import make_schedule
+from ..core.selection import ChannelSampler, Selection
+from ..engines.base import Engine
+from ..errors import EdgeTradyError
 from .checkpoint import LoopState, has_checkpoint, load_checkpoint, save_checkpoint
 from .data import Dataset, epoch_order
-from .engine import Engine
-from .errors import EdgeTradyError
 from .memwatch import peak_rss_bytes
 from .progress import Progress
 from .runlog import EpochMetrics, RunLog, read_jsonl
-from .schedule import make_schedule
-from .selection import ChannelSampler, Selection
 
 ScoreFn = Callable[[int], dict[str, np.ndarray]]
 

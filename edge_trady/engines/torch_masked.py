@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import LayerCost
-from .masks import channel_mask
-from .selection import Selection
+from ..core.layers import LayerCost
+from ..core.masks import channel_mask
+from ..core.selection import Selection
 
 GradObserver = Callable[[dict[str, torch.Tensor]], None]
 WEIGHTS_FILE = "weights.pt"

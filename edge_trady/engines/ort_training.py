@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ArtifactError
-from .masks import channel_mask, mask_shape
+from ..core.masks import channel_mask, mask_shape
+from ..core.selection import Selection
+from ..errors import ArtifactError
 from .ort_runtime import ArtifactLayout, ort_bindings
-from .selection import Selection
 
 C = ort_bindings()
 STATE_FILE = "ort_checkpoint"

@@ -9,17 +9,17 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .budget import Budget, format_bytes
+from ..core.budget import Budget, format_bytes
+from ..core.layers import LayerCost, channel_costs
+from ..core.plan import Plan
+from ..core.selection import CandidateLayer, ChannelSampler, candidate_names, method_spec
+from ..errors import DataError, MemoryGuardError, PlanError
 from .data import Dataset, Normalization, load_dataset
-from .device import available_memory_bytes
-from .errors import DataError, MemoryGuardError, PlanError
-from .layers import LayerCost, channel_costs
 from .loop import TrainConfig, evaluate, train
 from .manifest import Manifest, ModelInfo
 from .memwatch import current_rss_bytes, peak_rss_bytes
-from .plan import Plan
+from .profile import available_memory_bytes
 from .progress import Progress
-from .selection import CandidateLayer, ChannelSampler, candidate_names, method_spec
 
 MODEL_FILE = "model.onnx"
 SUMMARY_FILE = "summary.json"
@@ -144,7 +144,7 @@ def load_data(manifest: Manifest, request: RunRequest) -> tuple[Dataset, Dataset
 
 def run(request: RunRequest, progress: Progress) -> RunSummary:
     """Fine-tune the artifact on the device; writes the run folder and returns its summary."""
-    from .engine_ort import OrtEngine  # loads onnxruntime: only when a run really starts
+    from ..engines.ort_training import OrtEngine  # loads onnxruntime: only when a run really starts
 
     started = time.monotonic()
     manifest = Manifest.load(request.artifact)

@@ -13,8 +13,8 @@ import json
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
-from .errors import ArtifactError
-from .plan import PLAN_VERSION, Plan
+from ..core.plan import PLAN_VERSION, Plan
+from ..errors import ArtifactError
 
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"

@@ -28,10 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .engine_torch import WEIGHTS_FILE
-from .errors import EdgeTradyError
-from .layers import LayerCost
-from .selection import Selection
+from ..core.layers import LayerCost
+from ..core.selection import Selection
+from ..errors import EdgeTradyError
 from .sparse_ops import (
     ROLE_ATTR,
     ClampMask,
@@ -41,6 +40,7 @@ from .sparse_ops import (
     SparseLinear,
     WeightSlice,
 )
+from .torch_masked import WEIGHTS_FILE
 
 ROLES = ("selected", "classifier", "masks", "other", "shared")
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import DataError
+from ..errors import DataError
 
 FASHION_MNIST_ENV = "EDGE_TRADY_FASHION_MNIST"
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist/"

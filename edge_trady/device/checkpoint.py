@@ -10,8 +10,8 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .engine import Engine
-from .errors import EdgeTradyError
+from ..engines.base import Engine
+from ..errors import EdgeTradyError
 
 LATEST = "LATEST"
 STATE_FILE = "loop_state.json"

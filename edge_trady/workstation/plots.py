@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .memory import MemoryEstimate
+from ..core.memory import MemoryEstimate
 
 
 def plot_memory(estimate: MemoryEstimate, usable: int, title: str, path: Path) -> None:

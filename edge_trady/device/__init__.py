@@ -1,0 +1,1 @@
+"""The device side (never imports torch): data, training loop, checkpoints, runner, manifest, profiler."""

@@ -1,0 +1,1 @@
+"""The workstation side (torch): models, cost tracing, ranking, the planner, fine-tuning and exporters."""
