@@ -13,7 +13,7 @@ if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq dataset-fashion-mnist >/dev/null
 fi
 
-if ! python3 -c "import edge_trady, torch, onnxruntime, efficientnet_lite_pytorch, pytest" 2>/dev/null; then
+if ! python3 -c "import edge_trady, torch, onnxruntime, efficientnet_lite_pytorch, pytest, flwr, hypothesis, tqdm" 2>/dev/null; then
   echo "[setup] installing edge-trady[dev] (torch CPU, onnx, onnxruntime-training)" >&2
   python3 -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]" \
     --config-settings editable_mode=compat
