@@ -55,13 +55,13 @@ def export_plan(plan: Plan, out_dir: Path) -> Manifest:
     import onnxruntime
     import torch
 
+    from .. import __version__
     from ..device.manifest import MANIFEST_FILE, Manifest, hash_files
     from ..device.runner import plan_sampler
     from ..errors import ArtifactError
     from ..workstation.cost_trace import trace_layers
     from ..workstation.export_ort_training import INPUT, export_training_artifact
     from ..workstation.models import build_model
-    from .. import __version__
 
     if plan.engine != "ort":
         raise ArtifactError(

@@ -12,6 +12,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import PlanError
+from .atomic import write_json
 from .layers import BYTES_PER_UNIT, LayerCost
 from .memory import MemoryEstimate
 
@@ -88,7 +89,7 @@ class Plan:
         }
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
+        write_json(Path(path), asdict(self))
 
     @classmethod
     def load(cls, path: Path) -> Plan:

@@ -10,6 +10,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..core.atomic import fsync_path, write_text
 from ..engines.base import Engine
 from ..errors import EdgeTradyError
 
@@ -43,14 +44,14 @@ def save_checkpoint(run_dir: Path, engine: Engine, state: LoopState) -> Path:
     engine.save_state(tmp)
     (tmp / STATE_FILE).write_text(json.dumps(asdict(state)))
     for path in tmp.iterdir():
-        _fsync(path)
-    _fsync(tmp)
+        fsync_path(path)
+    fsync_path(tmp)
     final = root / name
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync(root)
-    _atomic_write(root / LATEST, name)
+    fsync_path(root)
+    write_text(root / LATEST, name)
     for old in root.iterdir():
         if old.is_dir() and old.name != name:  # older checkpoints and leftovers of a crash
             shutil.rmtree(old, ignore_errors=True)
@@ -73,21 +74,3 @@ def load_checkpoint(run_dir: Path, engine: Engine) -> LoopState:
 
 def has_checkpoint(run_dir: Path) -> bool:
     return (run_dir / "checkpoints" / LATEST).exists()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    with tmp.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

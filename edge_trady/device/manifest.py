@@ -13,6 +13,7 @@ import json
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
+from ..core.atomic import write_json
 from ..core.plan import PLAN_VERSION, Plan
 from ..errors import ArtifactError
 
@@ -58,7 +59,7 @@ class Manifest:
         return cls(**{**data, "plan": Plan(**plan)})
 
     def save(self, directory: Path) -> None:
-        (Path(directory) / MANIFEST_FILE).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        write_json(Path(directory) / MANIFEST_FILE, self.to_dict())
 
     @classmethod
     def load(cls, directory: Path) -> Manifest:
@@ -131,7 +132,7 @@ class ModelInfo:
         return Path(model_path).with_suffix(".json")
 
     def save(self, model_path: Path) -> None:
-        self.sidecar(model_path).write_text(json.dumps(asdict(self), indent=1) + "\n")
+        write_json(self.sidecar(model_path), asdict(self))
 
     @classmethod
     def load(cls, model_path: Path) -> ModelInfo:

@@ -27,6 +27,7 @@ import numpy as np
 import psutil
 
 from .. import __version__
+from ..core.atomic import write_json
 from ..errors import ProfileError
 
 SCHEMA_VERSION = 1
@@ -72,7 +73,7 @@ class DeviceProfile:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_json(path, self.to_dict(), indent=2)
         return path
 
 

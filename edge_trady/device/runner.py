@@ -3,12 +3,12 @@ fine-tune it with the ONNX Runtime engine and the shared training loop, export t
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..core.atomic import replacing, write_json
 from ..core.budget import Budget, format_bytes
 from ..core.layers import LayerCost, channel_costs
 from ..core.plan import Plan
@@ -170,7 +170,8 @@ def run(request: RunRequest, progress: Progress) -> RunSummary:
     _, initial_val_acc = evaluate(engine, val_data, plan.batch_size)
     epochs = train(engine, sampler, train_data, val_data, config, request.out, progress, None, request.resume)
     model = request.out / MODEL_FILE
-    engine.export_inference(model)
+    with replacing(model) as tmp:
+        engine.export_inference(tmp)
     ModelInfo.of(manifest).save(model)
     last = epochs[-1]
     summary = RunSummary(
@@ -189,5 +190,5 @@ def run(request: RunRequest, progress: Progress) -> RunSummary:
         peak_rss_bytes=peak_rss_bytes(),
         seconds=time.monotonic() - started,
     )
-    (request.out / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2) + "\n")
+    write_json(request.out / SUMMARY_FILE, asdict(summary), indent=2)
     return summary

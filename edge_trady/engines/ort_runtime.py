@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
 
+from ..core.atomic import write_json
 from ..core.layers import LayerCost
 from ..errors import ArtifactError
 
@@ -81,7 +82,7 @@ class ArtifactLayout:
             raise ArtifactError(f"artifact layout is incomplete or malformed: {exc}") from exc
 
     def save(self, directory: Path) -> None:
-        (directory / LAYOUT_FILE).write_text(json.dumps(self.to_dict(), indent=1))
+        write_json(directory / LAYOUT_FILE, self.to_dict())
 
     @classmethod
     def load(cls, directory: Path) -> ArtifactLayout:

@@ -3,7 +3,6 @@ and run the training loop with the chosen engine."""
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.atomic import replacing, write_json
 from ..core.budget import Budget, parse_budget
 from ..core.layers import LayerCost, full_units
 from ..core.selection import CandidateLayer, ChannelSampler, Selection, method_spec
@@ -220,9 +220,11 @@ def run_finetune(spec: FinetuneSpec, out_dir: Path, progress: Progress, resume: 
         raise EdgeTradyError(f"method {spec.method!r} (an RGN oracle) needs --engine torch-masked")
     epochs = train(engine, sampler, prep.train, prep.val, config, out_dir, progress, score_fn, resume)
     if spec.engine == "ort":
-        engine.export_inference(out_dir / "model.onnx")
+        with replacing(out_dir / "model.onnx") as tmp:
+            engine.export_inference(tmp)
     else:
-        torch.save(prep.built.module.state_dict(), out_dir / "model.pt")
+        with replacing(out_dir / "model.pt") as tmp:
+            torch.save(prep.built.module.state_dict(), tmp)
     result = FinetuneResult(
         spec=asdict(spec),
         full_units=prep.full_units,
@@ -237,5 +239,5 @@ def run_finetune(spec: FinetuneSpec, out_dir: Path, progress: Progress, resume: 
         seconds=time.monotonic() - started,
         epochs=epochs,
     )
-    (out_dir / "summary.json").write_text(json.dumps(asdict(result), indent=2) + "\n")
+    write_json(out_dir / "summary.json", asdict(result), indent=2)
     return result

@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..core.atomic import write_json
 from ..errors import EdgeTradyError
 
 DEFAULT_THRESHOLD = 0.97
@@ -48,7 +49,7 @@ class Ranking:
         return names
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        write_json(Path(path), asdict(self), indent=2)
 
     @classmethod
     def load(cls, path: Path) -> Ranking:
