@@ -35,11 +35,14 @@ from .options import checkpoint_options, data_options, model_options, selection_
     "out_dir",
     type=click.Path(file_okay=False),
     required=True,
-    help="Output folder: model.pt (or model.onnx), metrics.jsonl, selection.jsonl, summary.json, checkpoints/.",
+    help="Run folder: model.pt (or model.onnx), metrics.jsonl, selection.jsonl, summary.json, checkpoints/, "
+    "done.json. Must be new or empty, unless --resume or --overwrite.",
 )
 @checkpoint_options
 @click.pass_context
-def command(ctx: click.Context, plan_path: str | None, out_dir: str, resume: bool, quiet: bool, **options) -> None:
+def command(
+    ctx: click.Context, plan_path: str | None, out_dir: str, resume: bool, overwrite: bool, quiet: bool, **options
+) -> None:
     """Fine-tune a model with TraDy or a baseline, training only the selected input channels.
 
     The model runs with frozen BatchNorm and no dropout; plain SGD with a cosine schedule. Every
@@ -59,11 +62,11 @@ def command(ctx: click.Context, plan_path: str | None, out_dir: str, resume: boo
         explicit = {k for k in fields if ctx.get_parameter_source(k).name == "COMMANDLINE"}
         fields = Plan.load(Path(plan_path)).finetune_fields() | {k: fields[k] for k in explicit}
         fields["data"] = options["data"]
-    result = run_finetune(FinetuneSpec(**fields), Path(out_dir), Progress(quiet), resume)
-    if not quiet:
-        acc = f"{result.final_val_acc:.4f}" if result.final_val_acc is not None else "n/a"
+    result = run_finetune(FinetuneSpec(**fields), Path(out_dir), Progress(quiet), resume, overwrite)
+    if result is not None and not quiet:
+        before, acc = (f"{a:.4f}" if a is not None else "n/a" for a in (result.initial_val_acc, result.final_val_acc))
         click.echo(
-            f"val_acc {result.initial_val_acc:.4f} -> {acc}; peak RSS "
+            f"val_acc {before} -> {acc}; peak RSS "
             f"{result.peak_rss_bytes / 2**20:.0f} MiB; {result.seconds:.0f}s; "
             f"written to {out_dir}"
         )

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..core.selection import METHODS, OVERFLOW_POLICIES
-from .options import model_options
+from .options import SEED, finite_positive, model_options
 
 
 @click.command("plan")
@@ -50,14 +50,15 @@ from .options import model_options
 @click.option("--method", type=click.Choice(list(METHODS)), default="trady", show_default=True)
 @click.option("--threshold", type=click.FloatRange(0, 1, min_open=True), default=0.97, show_default=True)
 @click.option("--epochs", type=click.IntRange(1), default=10, show_default=True)
-@click.option("--lr", type=float, default=0.125, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--lr", type=float, callback=finite_positive, default=0.125, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--overflow", type=click.Choice(OVERFLOW_POLICIES), default="skip", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default="plan.json", show_default=True)
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a bar chart PNG of memory by part.")
 @click.option("--quiet", is_flag=True)
 def command(
     model,
+    trust_model_code,
     image_size,
     profile_name,
     budget,
@@ -109,6 +110,7 @@ def command(
         epochs=epochs,
         lr=lr,
         threshold=threshold,
+        trust_model_code=trust_model_code,
     )
     plan = make_plan(request, Progress(quiet))
     plan.save(Path(output))

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from .budget import format_bytes
 
 ENGINES = ("torch-masked", "torch-sparse", "ort")
+DATA_SET_PART = "data set"  # the part the runner re-checks with the data's real size
 PHASES = ("always", "load", "train")
 
 
@@ -116,7 +117,7 @@ def estimate_memory(engine: str, shape: RunShape) -> MemoryEstimate:
                 f"fresh process with the {engine} engine loaded (device profile)",
             ),
             MemoryPart("frozen weights", int(weights), "train", "parameters and buffers (loaded after the data)"),
-            MemoryPart("data set", shape.dataset_bytes, "always", "decoded uint8 images (train + val)"),
+            MemoryPart(DATA_SET_PART, shape.dataset_bytes, "always", "decoded uint8 images (train + val)"),
             MemoryPart("data loading", shape.data_load_bytes, "load", "source files while decoding"),
             MemoryPart("batch buffers", 2 * b * shape.input_bytes_per_sample, "train", "float32 input batch"),
             MemoryPart(

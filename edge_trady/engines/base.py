@@ -29,3 +29,6 @@ class Engine(Protocol):
 
     def load_state(self, directory: Path) -> None:
         """Restore what ``save_state`` wrote."""
+
+    def weights_finite(self) -> bool:
+        """False if a weight that training changes is NaN or infinite (the loop stops: diverged)."""

@@ -3,11 +3,12 @@ peak fits the device's usable memory (workstation side, needs torch)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..core.budget import format_bytes, parse_budget
+from ..core.budget import cap_budget, format_bytes, parse_budget
 from ..core.layers import LayerCost, full_units
 from ..core.memory import MemoryEstimate, RunShape, estimate_memory
 from ..core.plan import Plan
@@ -47,6 +48,7 @@ class PlanRequest:
     threshold: float = 0.97
     k_rule: str = "threshold"  # or "budget" (MeDyate: budget <= 20 % of the top-K memory)
     rank_epochs: int = 1
+    trust_model_code: bool = False  # allow a model factory (Python code) as ``model``
 
 
 @dataclass
@@ -62,17 +64,21 @@ class _Setup:
 
 
 def make_plan(req: PlanRequest, progress: Progress) -> Plan:
+    _check_request(req)
     setup = _setup(req, progress)
     usable = req.profile.usable_memory_bytes
     baseline = _baseline(req.profile, req.engine)
     full = _footprint(setup, req.engine, setup.candidates, req.image_size)
     if req.budget is not None:
-        budget = parse_budget(req.budget).resolve(full_units(setup.layers))
+        resolved = parse_budget(req.budget).resolve(full_units(setup.layers))
+        budget, note = cap_budget(resolved, setup.layers, req.batch_size)
         amount, unit = budget.amount, budget.unit
         estimate = _estimate(req, setup, full, baseline, _budget_bytes(setup, req, amount, unit))
         if estimate.peak_bytes > usable:
             _refuse(req, setup, estimate, usable, f"budget {req.budget}")
-        notes = []
+        notes = [note] if note else []
+        if note:
+            progress.line(f"note: {note}")
     else:
         amount, unit, estimate, notes = _largest_fitting(req, setup, full, baseline, usable)
     return Plan(
@@ -107,6 +113,20 @@ def make_plan(req: PlanRequest, progress: Progress) -> Plan:
     )
 
 
+def _check_request(req: PlanRequest) -> None:
+    """Refuse settings no run could use: learning rate, seed, epochs, a budget of nothing."""
+    if not (math.isfinite(req.lr) and req.lr > 0):
+        raise PlanError(f"learning rate {req.lr!r}: must be a finite number > 0")
+    if req.seed < 0 or req.epochs < 1 or req.batch_size < 1:
+        raise PlanError(f"seed ({req.seed}) must be >= 0, epochs ({req.epochs}) and batch size ({req.batch_size}) >= 1")
+    budgeted = req.budget is not None and method_spec(req.method).rule in ("random", "rgn")
+    if budgeted and parse_budget(req.budget).amount <= 0:
+        raise PlanError(
+            f"budget {req.budget!r} selects no channel: give a budget > 0, or --method classifier-only "
+            "to train the classifier alone"
+        )
+
+
 def _setup(req: PlanRequest, progress: Progress) -> _Setup:
     norm = model_normalization(req.model)
     train = val = None
@@ -116,7 +136,7 @@ def _setup(req: PlanRequest, progress: Progress) -> _Setup:
     num_classes = train.num_classes if train else req.num_classes
     if not num_classes:
         raise PlanError("give --data (to rank layers and size the data set) or --num-classes")
-    built = build_model(req.model, num_classes, req.image_size, req.seed)
+    built = build_model(req.model, num_classes, req.image_size, req.seed, req.trust_model_code)
     layers = trace_layers(built.module, req.image_size)
     ranking = _ranking(req, built, train, val, progress)
     names = [layer.name for layer in layers if layer.name != built.classifier]
@@ -156,6 +176,7 @@ def _ranking(req: PlanRequest, built, train, val, progress: Progress) -> Ranking
         seed=req.seed,
         rank_epochs=req.rank_epochs,
         threshold=req.threshold,
+        trust_model_code=req.trust_model_code,
     )
     layers = trace_layers(built.module, req.image_size)
     prep = Prepared(built, layers, train, val, parse_budget("100%"), full_units(layers))
@@ -289,7 +310,7 @@ def _suggestions(req: PlanRequest, setup: _Setup, usable: int) -> list[str]:
     for size in (req.image_size * 3 // 4, req.image_size // 2):
         if size < 16 or size == req.image_size:
             continue
-        built = build_model(req.model, setup.built.num_classes, size, req.seed)
+        built = build_model(req.model, setup.built.num_classes, size, req.seed, req.trust_model_code)
         layers = trace_layers(built.module, size)
         smaller_setup = _Setup(
             built, layers, [], None, None, None, setup.dataset_bytes * size**2 // req.image_size**2, setup.load_bytes
