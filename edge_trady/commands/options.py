@@ -48,7 +48,9 @@ data_options = stack(
     click.option(
         "--val-data",
         default=None,
-        help="Validation data (same forms). Default: the validation split of --data.",
+        help="Validation data (same forms), scored whole unless it has its own validation part "
+        "(Fashion-MNIST's t10k files, an .npz's x_val/y_val, a folder's val/ or test/). Default: the "
+        "validation split of --data (its validation part, else a seeded 20% holdout).",
     ),
     click.option(
         "--per-class",

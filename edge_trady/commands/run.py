@@ -18,7 +18,14 @@ from .options import checkpoint_options
     help="Training data: 'fashion-mnist[:DIR]', an image folder (one sub-folder per class), an .npz "
     "file with x and y, or 'synthetic[:CLASSES]'. Its classes must be the artifact's.",
 )
-@click.option("--val", "val_data", default=None, help="Validation data. Default: the validation split of --train.")
+@click.option(
+    "--val",
+    "val_data",
+    default=None,
+    help="Validation data (same forms), scored whole unless it has its own validation part (Fashion-MNIST's "
+    "t10k files, an .npz's x_val/y_val, a folder's val/ or test/). Default: the validation split of --train "
+    "(its validation part, else a seeded 20% holdout).",
+)
 @click.option(
     "--per-class",
     type=click.IntRange(1),
