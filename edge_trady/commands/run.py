@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .options import checkpoint_options
+from .options import checkpoint_options, progress_options
 
 
 @click.command("run")
@@ -49,7 +49,7 @@ from .options import checkpoint_options
     is_flag=True,
     help="Run even when the plan's predicted peak exceeds the memory available now.",
 )
-@click.option("--quiet", is_flag=True, help="No progress output (for scripts).")
+@progress_options
 def command(
     artifact: str,
     train_data: str,
@@ -62,6 +62,7 @@ def command(
     force: bool,
     checkpoint_every: int,
     quiet: bool,
+    progress_every: float | None,
 ) -> None:
     """Fine-tune the training artifact ARTIFACT (from 'edge-trady export') on this device.
 
@@ -87,7 +88,7 @@ def command(
         force=force,
         checkpoint_every=checkpoint_every,
     )
-    summary = run(request, Progress(quiet))
+    summary = run(request, Progress(quiet, progress_every))
     if not quiet:
         click.echo(
             f"val_acc {summary.final_val_acc:.4f}; peak RSS {summary.peak_rss_bytes / 2**20:.0f} MiB "

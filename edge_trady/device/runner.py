@@ -151,6 +151,7 @@ def run(request: RunRequest, progress: Progress) -> RunSummary:
     plan = manifest.plan
     sampler = plan_sampler(plan)
     check_memory(plan.estimate.peak_bytes, request.force, progress)
+    progress.predicted_peak_bytes = plan.estimate.peak_bytes
     train_data, val_data = load_data(manifest, request)
     engine = OrtEngine(request.artifact)
     config = TrainConfig(
