@@ -14,7 +14,7 @@ import io
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -24,12 +24,13 @@ from ..core.atomic import replacing
 from ..core.budget import format_bytes
 from ..core.plan import Plan
 from ..errors import EdgeTradyError
-from .runlog import METRICS_FILE, SELECTION_FILE, read_jsonl
+from .runlog import METRICS_FILE, SELECTION_FILE, EpochMetrics, read_jsonl
 
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.png"
 PICTURE_EXTRA = "pip install 'edge-trady[report]'"
 MiB = 2**20
+METRIC_FIELDS = [f.name for f in fields(EpochMetrics) if f.default is MISSING and f.default_factory is MISSING]
 
 
 class ReportError(EdgeTradyError):
@@ -69,7 +70,8 @@ class RunReport:
 
     def heatmap(self) -> np.ndarray:
         """Input channels trained, layers x epochs."""
-        return np.array([[counts.get(name, 0) for counts in self.channels] for name in self.layers], dtype=np.int64)
+        grid = [[counts.get(name, 0) for counts in self.channels] for name in self.layers]
+        return np.array(grid, dtype=np.int64).reshape(len(self.layers), len(self.channels))
 
 
 def load_report(run_dir: Path, plan: Plan | None = None) -> RunReport:
@@ -79,10 +81,10 @@ def load_report(run_dir: Path, plan: Plan | None = None) -> RunReport:
     if not metrics_path.is_file():
         problem = "no such folder" if not run_dir.is_dir() else f"no {METRICS_FILE}"
         raise ReportError(f"{run_dir}: {problem}; expected the --out folder of 'edge-trady run' or 'finetune'")
-    epochs = _read_records(metrics_path)
+    epochs = _read_records(metrics_path, METRIC_FIELDS)
     if not epochs:
         raise ReportError(f"{metrics_path}: no epoch finished yet, nothing to report")
-    selections = _read_records(selection_path) if selection_path.is_file() else []
+    selections = _read_records(selection_path, ("channels",)) if selection_path.is_file() else []
     if len(selections) == len(epochs):
         channels = [{name: len(idx) for name, idx in s["channels"].items()} for s in selections]
     else:  # the per-epoch counts of metrics.jsonl say the same
@@ -273,7 +275,8 @@ def _budget_panel(ax, report: RunReport, epochs: np.ndarray) -> None:
     twin.plot(epochs, [m["channels_selected"] for m in report.epochs], "k.-", label="input channels")
     twin.set_ylim(0, max(m["channels_selected"] for m in report.epochs) * 1.35 + 1)
     twin.set_ylabel("input channels trained")
-    ax.set_ylim(0, max([*used, (budget or 0) / scale]) * 1.35 + 1e-9)
+    top = max([*used, (budget or 0) / scale])
+    ax.set_ylim(0, top * 1.35 if top > 0 else 1)
     ax.set_ylabel(f"cost ({label})")
     ax.set_title("channel budget: cost of the channels trained each epoch")
     handles = ax.get_legend_handles_labels()
@@ -283,6 +286,10 @@ def _budget_panel(ax, report: RunReport, epochs: np.ndarray) -> None:
 
 
 def _heatmap_panel(fig, ax, report: RunReport, epochs: np.ndarray, grid: np.ndarray) -> None:
+    if not report.layers:
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, "no input channels trained in any epoch (classifier only)", ha="center", va="center")
+        return
     masked = np.ma.masked_equal(grid, 0)
     image = ax.imshow(
         masked,
@@ -320,11 +327,17 @@ def _epoch_axis(ax, epochs: Sequence[int], from_zero: bool = False) -> None:
 # --- reading ------------------------------------------------------------------------------------
 
 
-def _read_records(path: Path) -> list[dict]:
+def _read_records(path: Path, required: Sequence[str]) -> list[dict]:
     try:
-        return read_jsonl(path)
+        records = read_jsonl(path)
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise ReportError(f"{path}: unreadable ({exc})") from exc
+    for number, record in enumerate(records, 1):
+        missing = [name for name in required if not isinstance(record, dict) or name not in record]
+        if missing:
+            listed = ", ".join(missing[:4]) + (", ..." if len(missing) > 4 else "")
+            raise ReportError(f"{path}: line {number} lacks {listed} (not written by edge-trady?)")
+    return records
 
 
 def _read_summary(path: Path) -> dict | None:
