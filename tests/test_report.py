@@ -127,3 +127,5 @@ def test_not_a_run_folder_is_one_clear_line(tmp_path: Path) -> None:
     assert "no epoch finished yet" in _report(str(tmp_path)).stderr
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "train_lo')
     assert "metrics.jsonl: unreadable" in _report(str(tmp_path)).stderr
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    assert "metrics.jsonl: line 1 lacks train_loss, train_acc, val_loss, val_acc, ..." in _report(str(tmp_path)).stderr
