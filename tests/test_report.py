@@ -57,16 +57,16 @@ def test_picture_panels_hold_the_runs_numbers(run_dir: Path) -> None:
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     selections = read_jsonl(run_dir / "selection.jsonl")
     acc, loss, memory, budget, heat, channels, _ = figure(report).axes
-    assert [line.get_ydata().tolist() for line in acc.lines] == [
+    assert [np.asarray(line.get_ydata()).tolist() for line in acc.lines] == [
         [m["train_acc"] for m in metrics],
         [m["val_acc"] for m in metrics],
         [report.summary["initial_val_acc"]],
     ]
-    assert loss.lines[1].get_ydata().tolist() == [m["val_loss"] for m in metrics]
-    assert memory.lines[0].get_ydata().tolist() == [m["peak_rss_bytes"] / MiB for m in metrics]
+    assert np.asarray(loss.lines[1].get_ydata()).tolist() == [m["val_loss"] for m in metrics]
+    assert np.asarray(memory.lines[0].get_ydata()).tolist() == [m["peak_rss_bytes"] / MiB for m in metrics]
     assert [bar.get_height() for bar in budget.patches] == [m["units_used"] for m in metrics]
     assert budget.lines[0].get_ydata()[0] == metrics[0]["budget_units"]  # the budget line
-    assert channels.lines[0].get_ydata().tolist() == [m["channels_selected"] for m in metrics]
+    assert np.asarray(channels.lines[0].get_ydata()).tolist() == [m["channels_selected"] for m in metrics]
     # heatmap: rows are the top-K layers in network order, cells the channels each epoch trained
     grid = np.ma.filled(heat.images[0].get_array(), 0)
     expected = [[len(s["channels"].get(name, [])) for s in selections] for name in report.layers]
