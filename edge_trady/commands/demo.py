@@ -52,9 +52,9 @@ def command(
     from ..core.budget import format_bytes
     from ..device.profile import measure_profile
     from ..device.progress import Progress
+    from ..workstation.export.artifact import export_plan
     from ..workstation.planner import PlanRequest, make_plan
     from ..workstation.plots import plot_memory
-    from .export import export_plan
 
     out = Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -109,7 +109,6 @@ def command(
         data,
         "--per-class",
         str(per_class),
-        *(["--quiet"] if quiet else []),
     )
 
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -151,6 +151,7 @@ def train(
         _require_finite_weights(engine, run_dir, where)
         save_checkpoint(run_dir, engine, state, origin)
 
+    progress.start(config.epochs, steps_per_epoch, len(train_data), state.epoch, state.step_in_epoch, state.seen)
     with _stop_on_signals() as stop_requested:
         for epoch in range(state.epoch, config.epochs):
             selection = _epoch_selection(sampler, state, epoch, score_fn)
@@ -169,7 +170,7 @@ def train(
                 state.correct += correct
                 state.seen += len(y)
                 state.step_in_epoch = step + 1
-                progress.step(where, step + 1, steps_per_epoch, loss)
+                progress.step(epoch, step + 1, state.seen, loss)
                 every = config.checkpoint_every
                 if stop_requested() or (every and (step + 1) % every == 0 and step + 1 < steps_per_epoch):
                     state.elapsed_s = time.monotonic() - started
