@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--per-class", type=int, default=30)
     parser.add_argument("--profile", default="this-workstation")
-    parser.add_argument("--code", type=Path, default=ROOT, help="checkout whose edge_trady runs (PYTHONPATH)")
+    parser.add_argument("--code", type=Path, default=ROOT, help="checkout whose edge_trady runs (PYTHONPATH, cwd)")
     parser.add_argument("--label", default="after", help="name of these rows (e.g. before / after a change)")
     args = parser.parse_args()
     ranking = ensure_ranking(args.image_size)
@@ -59,8 +59,10 @@ def measure(engine: str, ranking: Path, args: argparse.Namespace) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(args.code)}
 
     def cli(*argv: str, wait: bool = True):
-        command = [sys.executable, "-m", "edge_trady", *argv]
-        return subprocess.run(command, env=env, check=True) if wait else subprocess.Popen(command, env=env)
+        command = [sys.executable, "-m", "edge_trady", *argv]  # cwd: -m looks there first
+        if wait:
+            return subprocess.run(command, env=env, check=True, cwd=args.code)
+        return subprocess.Popen(command, env=env, cwd=args.code)
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

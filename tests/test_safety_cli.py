@@ -303,3 +303,17 @@ def test_failures_inside_a_run_are_one_line(
     assert code == status and message in one_error_line(err), err
     assert len(err.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "run" / ".edge-trady.lock")  # released
+
+
+def test_finetune_resume_with_another_model_is_refused_by_name(tmp_path: Path) -> None:
+    """Once a traceback from load_state_dict; now the origin check names the model."""
+    out = tmp_path / "ft"
+    args = ["finetune", "--data", "synthetic:4", "--per-class", "4", "--image-size", "32", "--batch-size", "8",
+            "--method", "d-full-random", "--budget", "5%", "--epochs", "1", "--out", out, "--quiet"]  # fmt: skip
+    code, _, err = edge_trady(*args, "--model", "mobilenetv2-w0.35")
+    assert code == 0, err
+    assert json.loads((out / "summary.json").read_text())["initial_val_acc"] is not None
+    (out / "done.json").unlink()  # as if killed before the end
+    code, _, err = edge_trady(*args, "--model", "mobilenetv2-w0.5", "--resume")
+    line = one_error_line(err)
+    assert code == 2 and "was made by another run: model 'mobilenetv2-w0.35' there, 'mobilenetv2-w0.5' here" in line
