@@ -112,7 +112,11 @@ def _read() -> list[dict]:
         return []
     with CSV.open() as handle:
         return [
-            {**r, **{k: float(r[k]) for k in ("predicted_mib", "measured_mib", "error_pct")}}
+            {
+                **r,
+                "batch_size": int(r["batch_size"]),
+                **{k: float(r[k]) for k in ("predicted_mib", "measured_mib", "error_pct")},
+            }
             for r in csv.DictReader(handle)
         ]
 

@@ -24,7 +24,7 @@ from ..device.progress import Progress
 from ..device.rundir import DONE_FILE, SUMMARY_FILE, TRAINING_OUTPUTS, open_run_folder, run_finished
 from ..device.runner import channel_sampler
 from ..engines.torch_masked import TorchMaskedEngine
-from ..errors import EdgeTradyError
+from ..errors import EdgeTradyError, RunFolderError
 from .cost_trace import trace_layers
 from .models import BuiltModel, build_model, model_normalization
 from .ranking import DEFAULT_THRESHOLD, Ranking, build_ranking
@@ -178,6 +178,10 @@ def make_engine(prep: Prepared, spec: FinetuneSpec, out_dir: Path, trainable: li
         from .export.ort_training import export_training_artifact
 
         artifact = out_dir / ARTIFACT_DIR
+        owned = FINETUNE_OUTPUTS.folders[ARTIFACT_DIR]
+        theirs = sorted(p.name for p in artifact.iterdir() if not owned.match(p.name)) if artifact.is_dir() else []
+        if theirs:
+            raise RunFolderError(f"{artifact}: holds files edge-trady did not write ({', '.join(theirs[:5])})")
         staging = staging_sibling(artifact)
         try:
             layout = export_training_artifact(
