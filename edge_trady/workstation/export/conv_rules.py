@@ -17,8 +17,9 @@ graph takes its current value ``V`` and adds what ``Δ = V - W_e[slice]`` contri
 selected channels only:
 
 - forward: ``y = Conv(x, W_e) + scatter_add(Σ_q patches(x_S) * Δ)`` at the slice's output channels;
-- input gradient: ``Conv`` / ``ConvTranspose`` with ``W_e`` + ``Σ_q ConvTranspose(gy at those
-  outputs, one-hot kernel) * Δ``, scattered into channels S;
+- input gradient: the input gradient with ``W_e`` + ``Σ_q spread_q(gy at those outputs) * Δ_q``,
+  scattered into channels S, where ``spread`` is the transposed conv with a one-hot kernel (a
+  stride-1 ``Conv`` with the flipped one-hot kernel after spreading ``gy`` by the stride);
 - weight gradient (of ``V``): ``Σ gy[outputs of S] * patches(x_S)`` by Mul + ReduceSum (ONNX
   Runtime's Einsum crashes with SIGFPE when a dimension shared by both operands and the output,
   here ``n``, is empty).
@@ -154,12 +155,19 @@ class ConvRules:
 
     def _transposed_patches(self, picked: str, geo: Geometry, hint: str) -> str:
         """``picked`` ([n, outs, B, H', W']) spread back by the transposed conv at every kernel
-        offset: [n, outs, B, kh*kw, H, W]."""
+        offset: [n, outs, B, kh*kw, H, W]. A stride-1 correlation with the flipped one-hot kernel
+        (after spreading by the stride), 2-16x faster in ORT than ConvTranspose."""
         e = self.emit
-        images = e.op("Reshape", [picked, e.ints([-1, 1, *geo.out_hw], hint)], hint)
-        kernel = e.const(_one_hot(geo.kernel).transpose(1, 0, 2, 3).copy(), hint)
-        attrs = {**geo.transpose_attrs(), "group": 1}
-        spread = e.op("ConvTranspose", [images, kernel], hint, **attrs)  # [n * outs * B, kk, H, W]
+        images = e.op("Reshape", [picked, e.ints([-1, 1, *geo.out_hw], hint)], hint)  # [n * outs * B, 1, H', W']
+        pads = geo.flipped_pads()
+        one_hot = _one_hot(geo.kernel)
+        if min(pads) >= 0:
+            attrs = {"pads": pads, "dilations": geo.dilations, "kernel_shape": geo.kernel}
+            kernel = e.const(np.ascontiguousarray(one_hot[:, :, ::-1, ::-1]), hint)
+            spread = e.op("Conv", [self._interleave_zeros(images, geo, hint), kernel], hint, **attrs)
+        else:
+            kernel = e.const(one_hot.transpose(1, 0, 2, 3).copy(), hint)
+            spread = e.op("ConvTranspose", [images, kernel], hint, **{**geo.transpose_attrs(), "group": 1})
         return self._unflatten(spread, picked, 3, [geo.kernel[0] * geo.kernel[1], *geo.in_hw], hint)
 
     def _unflatten(self, t: str, like: str, leading: int, rest: list[int], hint: str) -> str:

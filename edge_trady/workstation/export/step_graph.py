@@ -278,20 +278,20 @@ class StepBuilder(ConvRules):
         if node is not None and node.op_type in ("Relu", "Clip") and node.input[0] in self.needs_grad:
             mask = self._mask(node, name)
             if int(np.prod(self._info(name).shape)) % 8 == 0:  # 8 values of one sample per byte
-                hint = f"{node.name}/mask"
-                flat = self.emit.op(
-                    "Reshape",
-                    [self.emit.op("Cast", [mask], hint, to=TensorProto.UINT8), self.emit.ints([-1, 8], hint)],
-                    hint,
-                )
-                bits = self.emit.const((2 ** np.arange(8)).astype(np.uint8)[:, None], hint)
-                packed = self.emit.op("MatMulInteger", [flat, bits], hint)  # int32 [B * C*H*W / 8, 1]
-                mask = self.emit.op("Cast", [packed], hint, to=TensorProto.UINT8)
-                self.packed.add(mask)
+                mask = self._packed(mask, f"{node.name}/mask")
                 self.kept[mask] = f"mask of {node.name}, 1 bit per value"
             else:
                 self.kept[mask] = f"mask of {node.name}, 1 byte per value"
             self.masks[name] = mask
+
+    def _packed(self, mask: str, hint: str) -> str:
+        """``mask`` (bool) as uint8 [values / 8, 1]: ``MatMulInteger`` of each 8 with the powers of 2."""
+        e = self.emit
+        flat = e.op("Reshape", [e.op("Cast", [mask], hint, to=TensorProto.UINT8), e.ints([-1, 8], hint)], hint)
+        bits = e.const((2 ** np.arange(8)).astype(np.uint8)[:, None], hint)
+        packed = e.op("Cast", [e.op("MatMulInteger", [flat, bits], hint)], hint, to=TensorProto.UINT8)
+        self.packed.add(packed)
+        return packed
 
     def _mask(self, node: onnx.NodeProto, y: str) -> str:
         """bool, True where the clamp passes its gradient: ``low < y < high`` (from the output)."""
@@ -382,9 +382,7 @@ class StepBuilder(ConvRules):
             return
         e, hint = self.emit, f"{node.name}/grad"
         mask = self._after(self.masks[node.output[0]], gy, hint)
-        if self._info(node.output[0]).dtype == _FLOAT and self.kept[self.masks[node.output[0]]].endswith(
-            "1 bit per value"
-        ):
+        if self.masks[node.output[0]] in self.packed:
             if self.unpack_table is None:
                 table = (np.arange(256)[:, None] >> np.arange(8)[None, :]) & 1
                 self.unpack_table = e.const(table.astype(np.float32), "unpack")
