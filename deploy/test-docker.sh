@@ -100,7 +100,7 @@ while [ $# -gt 0 ]; do
         *) usage >&2; et_die "unknown option: $1" ;;
     esac
 done
-case "$ARCH" in amd64) ENGINE=${ENGINE:-ort} ;; arm64) ENGINE=${ENGINE:-torch} ;;
+case "$ARCH" in amd64 | arm64) ENGINE=${ENGINE:-portable} ;;
     *) et_die "--arch: amd64 or arm64" ;; esac
 LOCAL_BASE="$ET_BASE_IMAGE"
 [ "$ARCH" = amd64 ] || LOCAL_BASE="$ET_BASE_IMAGE-$ARCH"
