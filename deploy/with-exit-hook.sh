@@ -6,8 +6,8 @@
 #     "$EDGE_TRADY_ON_EXIT" RUN_DIR STATUS RESULT
 # STATUS is COMMAND's exit status (see `edge-trady --help`: 0 done, 130 stopped by a signal after
 # a checkpoint, ...; 128+N when killed by signal N, e.g. 137 for SIGKILL or the OOM killer);
-# RESULT is success, exit-code or signal, as systemd's $SERVICE_RESULT (the systemd unit calls
-# the same hook from ExecStopPost=). Then exits with COMMAND's status, so restart policies and
+# RESULT is success (0, or 130: a clean stop), exit-code or signal, as systemd's $SERVICE_RESULT
+# with the unit's SuccessExitStatus=130 (the systemd unit calls the same hook from ExecStopPost=). Then exits with COMMAND's status, so restart policies and
 # `docker compose ps` see it. SIGTERM and SIGINT are passed on to COMMAND (it checkpoints and
 # stops). Without $EDGE_TRADY_ON_EXIT, COMMAND simply replaces this script.
 set -u
@@ -27,8 +27,8 @@ while :; do
     kill -0 "$pid" 2>/dev/null || break # still running: the wait was cut short by a signal
 done
 case $status in
-    0) result=success ;;
-    129 | 13[0-9] | 14[0-9] | 15[0-9]) result=signal ;;
+    0 | 130) result=success ;;
+    129 | 13[1-9] | 14[0-9] | 15[0-9]) result=signal ;;
     *) result=exit-code ;;
 esac
 "$hook" "$run_dir" "$status" "$result" || echo "edge-trady-with-exit-hook: $hook exited with status $?" >&2
