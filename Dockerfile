@@ -18,8 +18,9 @@
 #   Offline / local base image (what deploy/test-docker.sh does):
 #     docker build --build-arg BASE_IMAGE=edge-trady-base:bookworm ...
 #
-# Dependencies are pinned by constraints-device.txt (onnxruntime, numpy, ...), whatever the
-# build host's pip configuration says. Package index configuration is never baked into this
+# Dependencies are pinned by constraints-device.txt (onnxruntime, numpy, ...; ENGINE=ort also by
+# the workstation's constraints.txt: onnxruntime-training, onnx), whatever the build host's pip
+# configuration says. Package index configuration is never baked into this
 # file or the image; nothing from the host's pip configuration is needed. If the build must use
 # a private index or certificate, either
 #   * --build-arg PIP_INDEX_URL=... / PIP_EXTRA_INDEX_URL=... / PIP_TRUSTED_HOST=...
@@ -79,12 +80,12 @@ RUN printf '%s\n' \
 
 # 1) dependencies only (cached until pyproject.toml, the constraints or ENGINE change)
 WORKDIR /src
-COPY pyproject.toml constraints-device.txt ./
+COPY pyproject.toml constraints-device.txt constraints.txt ./
 RUN set -eu; . /usr/local/bin/with-pipconf.sh; \
-    venv_opts=""; extra=""; torch_spec=""; \
+    venv_opts=""; extra=""; torch_spec=""; pins="-c /src/constraints-device.txt"; \
     case "$ENGINE" in \
       portable) extra="[device]" ;; \
-      ort) extra="[ort]" ;; \
+      ort) extra="[ort]"; pins="$pins -c /src/constraints.txt" ;; \
       torch) if python3 -c "import torch" 2>/dev/null; then \
                echo "torch found in the base image: reusing it"; venv_opts="--system-site-packages"; \
              else extra="[torch]"; torch_spec="$TORCH_SPEC"; fi ;; \
@@ -95,7 +96,7 @@ RUN set -eu; . /usr/local/bin/with-pipconf.sh; \
     /opt/venv/bin/pip install --upgrade pip setuptools wheel; \
     torch_index=""; [ -z "$TORCH_INDEX_URL" ] || torch_index="--extra-index-url $TORCH_INDEX_URL"; \
     mkdir -p edge_trady && touch edge_trady/__init__.py README.md; \
-    /opt/venv/bin/pip install -c /src/constraints-device.txt $torch_index "/src$extra" $torch_spec; \
+    /opt/venv/bin/pip install $pins $torch_index "/src$extra" $torch_spec; \
     /opt/venv/bin/pip uninstall -y edge-trady; \
     rm -rf /tmp/pipconf /src/edge_trady /src/build /src/*.egg-info
 
@@ -139,7 +140,9 @@ RUN set -eu; . /usr/local/bin/with-pipconf.sh; \
     rm -rf /tmp/pipconf /src/build; \
     /opt/venv/bin/python -c "import click, numpy, psutil, PIL"; \
     case "$ENGINE" in \
-      portable) /opt/venv/bin/python -c "import onnxruntime as o, PIL.Image, PIL.JpegImagePlugin, PIL.PngImagePlugin; o.SessionOptions(); print('onnxruntime', o.__version__, o.get_available_providers())"; \
+      portable) if [ "$(uname -m)" = x86_64 ] || grep -q '^CPU implementer' /proc/cpuinfo; then \
+                  /opt/venv/bin/python -c "import onnxruntime as o, PIL.Image, PIL.JpegImagePlugin, PIL.PngImagePlugin; o.SessionOptions(); print('onnxruntime', o.__version__, o.get_available_providers())"; \
+                else echo "emulated $(uname -m) build (the host's /proc/cpuinfo): onnxruntime's CPU detection crashes under qemu-user, its import is not checked here"; fi; \
                 ! /opt/venv/bin/python -c "import torch" 2>/dev/null || { echo "torch must not be in the portable image" >&2; exit 1; }; \
                 ! /opt/venv/bin/python -c "import onnxruntime.training" 2>/dev/null || { echo "onnxruntime-training must not be in the portable image" >&2; exit 1; } ;; \
       ort) [ "$(uname -m)" != x86_64 ] || /opt/venv/bin/python -c "import onnxruntime" ;; \

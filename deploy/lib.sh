@@ -319,6 +319,23 @@ et_project_version() {
         "$ET_REPO/pyproject.toml"
 }
 
+# et_arm_cpuinfo FILE : a Raspberry Pi 4's /proc/cpuinfo (4 x Cortex-A72). Under qemu-user the
+# guest reads the host's x86 /proc/cpuinfo, and ONNX Runtime's CPU detection (cpuinfo) crashes
+# or hangs on it (SIGSEGV in `import onnxruntime`, qemu 7.2). The arm64 tests give the emulated
+# device this file instead: in the qemu -L root (test-arm64.sh; qemu maps guest paths that exist
+# under -L), or bind-mounted over /proc/cpuinfo (test-docker.sh --arch arm64).
+et_arm_cpuinfo() {
+    local i
+    mkdir -p "$(dirname "$1")"
+    {
+        for i in 0 1 2 3; do
+            printf 'processor\t: %s\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\n' "$i"
+            printf 'CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0xd08\nCPU revision\t: 3\n\n'
+        done
+        printf 'Hardware\t: BCM2835\nRevision\t: c03111\nModel\t\t: Raspberry Pi 4 Model B Rev 1.1\n'
+    } >"$1"
+}
+
 # ---------------------------------------------------------------------------------------------
 # binfmt_misc: run aarch64 binaries through qemu-user-static
 # ---------------------------------------------------------------------------------------------

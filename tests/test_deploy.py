@@ -149,4 +149,4 @@ def test_image_build_context_has_what_the_dockerfile_copies() -> None:
             if source != ".":
                 assert (ROOT / source).exists() and any(source.startswith(p.rstrip("/")) for p in patterns), source
     assert 'CMD ["edge-trady", "health"]' in dockerfile and "EDGE_TRADY_RUN=/work/run" in dockerfile
-    assert "ARG ENGINE=portable" in dockerfile and "-c /src/constraints-device.txt" in dockerfile
+    assert "ARG ENGINE=portable" in dockerfile and 'pins="-c /src/constraints-device.txt"' in dockerfile
