@@ -83,6 +83,7 @@ def train(
         sampler.load_state(state.sampler)
         log.truncate_to(state.epoch)
         progress.line(f"resuming at epoch {state.epoch + 1}, step {state.step_in_epoch}")
+    progress.start(config.epochs, steps_per_epoch, len(train_data), state.epoch, state.step_in_epoch, state.seen)
     heartbeat = Heartbeat(run_dir, config.heartbeat_every, config.epochs, steps_per_epoch)
     if state.epoch < config.epochs:  # a finished run's folder is left as it is
         heartbeat.beat(TRAINING, state.epoch, state.step_in_epoch)
@@ -101,7 +102,7 @@ def train(
                 state.correct += correct
                 state.seen += len(y)
                 state.step_in_epoch = step + 1
-                progress.step(f"epoch {epoch + 1}/{config.epochs}", step + 1, steps_per_epoch, loss)
+                progress.step(epoch, step + 1, state.seen, loss)
                 heartbeat.step(epoch, step + 1)
                 every = config.checkpoint_every
                 if stop_requested() or (every and (step + 1) % every == 0 and step + 1 < steps_per_epoch):
