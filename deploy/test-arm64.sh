@@ -67,7 +67,7 @@ RUN_KILL_AFTER=${RUN_KILL_AFTER:-5}               # seconds into epoch 2
 # Runtime's kernels differ by architecture (NEON vs AVX, summation order), so they agree to
 # float32 rounding accumulated over the run's SGD steps, not bit for bit.
 ARM_TOLERANCE=${ARM_TOLERANCE:-1e-4}
-RUN_INITIAL_MODEL=${RUN_INITIAL_MODEL:-model.onnx}   # the artifact's model file (weights before)
+RUN_INITIAL_MODEL=${RUN_INITIAL_MODEL:-inference.onnx}   # the artifact's inference model (weights before)
 RUN_NEEDS=${RUN_NEEDS:-edge_trady/engines/portable.py}
 # shellcheck disable=SC2016  # expanded later, by bash -c
 PLAN_CMD=${PLAN_CMD:-'edge-trady plan --model "$RUN_MODEL" --image-size "$RUN_IMAGE_SIZE" --engine portable --lr "$RUN_LR" --budget "$RUN_BUDGET" --profile "$PROFILE" --data "fashion-mnist:$DATA" --per-class "$RUN_PER_CLASS" --epochs "$RUN_EPOCHS" -o "$PLAN"'}
