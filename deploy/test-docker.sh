@@ -452,7 +452,7 @@ compose_test() {
     cid=$("${c[@]}" ps -q runner)
     wait_for 600 "the resumed run to end (compose)" exited "$cid"
     status=$(docker inspect -f '{{.State.ExitCode}}' "$cid")
-    et_info "up again: $(docker logs "$cid" 2>&1 | grep -m1 -i resum), exit $status, $(wc -l <"$cwork/run/metrics.jsonl") epoch records; hook: $(tail -n 1 "$cwork/hook.log")"
+    et_info "up again: $(docker logs "$cid" 2>&1 | grep -i 'resuming at' | tail -n 1), exit $status, $(wc -l <"$cwork/run/metrics.jsonl") epoch records; hook: $(tail -n 1 "$cwork/hook.log")"
     [ "$status" = 0 ] || et_die "the resumed compose run exited $status"
     [ "$(tail -n 1 "$cwork/hook.log")" = "/work/run 0 success" ] || et_die "hook not called with the end of the run"
     [ "$(wc -l <"$cwork/run/metrics.jsonl")" = "$RESUME_EPOCHS" ] || et_die "expected $RESUME_EPOCHS epoch records"
