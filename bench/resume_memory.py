@@ -1,6 +1,7 @@
 """Does a resumed run cost what a fresh one does? Fresh vs resumed peak memory, per engine.
 
-For each engine: plan EfficientNet-Lite0 (this machine's profile), then in fresh processes
+For each engine: plan EfficientNet-Lite0 (this machine's profile; portable and ort: export it and
+train with the device runner, the torch engines with finetune), then in fresh processes
 (1) train 2 epochs from scratch, (2) train again, SIGKILL the process once the end-of-epoch-1
 checkpoint exists, and resume it with ``--resume``. Each row is the whole process's VmHWM
 (summary.json: training, checkpoints and the final export) beside the plan's prediction.
@@ -33,7 +34,7 @@ CSV = RESULTS / "resume_memory.csv"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--engines", nargs="+", default=["ort", "torch-sparse", "torch-masked"])
+    parser.add_argument("--engines", nargs="+", default=["portable", "ort", "torch-sparse", "torch-masked"])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--budget", default="1%")
     parser.add_argument("--image-size", type=int, default=64)
@@ -70,7 +71,7 @@ def measure(engine: str, ranking: Path, args: argparse.Namespace) -> list[dict]:
             "--engine", engine, "--batch-size", str(args.batch_size), "--budget", args.budget, "--ranking",
             str(ranking), "--data", "fashion-mnist", "--per-class", str(args.per_class), "--epochs", "2",
             "--quiet", "-o", str(work / "plan.json"))  # fmt: skip
-        if engine == "ort":
+        if engine in ("ort", "portable"):  # the device runner on the exported artifact
             cli("export", str(work / "plan.json"), "-o", str(work / "artifact"), "--quiet")
             job = ["run", str(work / "artifact"), "--train", "fashion-mnist", "--force"]
         else:
@@ -145,9 +146,10 @@ def _write(rows: list[dict], args: argparse.Namespace) -> None:
     _plot(rows)
     doc = ROOT / "docs" / "resume-memory.md"
     tail = doc.read_text().split("<!-- table -->")[-1] if doc.exists() else "\n"
+    engines = " ".join(dict.fromkeys(r["engine"] for r in rows))
     doc.write_text(
         "# Fresh vs resumed peak memory\n\n"
-        f"Command: `python bench/resume_memory.py --engines {' '.join(args.engines)} --batch-size "
+        f"Command: `python bench/resume_memory.py --engines {engines} --batch-size "
         f"{args.batch_size} --budget {args.budget} --image-size {args.image_size} --per-class {args.per_class}` "
         "(with `--code CHECKOUT --label NAME` for the rows of another checkout).\n\n"
         f"EfficientNet-Lite0, {args.image_size} px, Fashion-MNIST ({args.per_class} images/class), 2 epochs, "

@@ -26,7 +26,7 @@ EXIT_STOPPED = 130
 
 EXIT_STATUSES: dict[int, str] = {
     EXIT_DONE: "done (or --resume on a finished run: nothing to do, nothing changed)",
-    EXIT_INTERNAL: "internal error (a bug; EDGE_TRADY_DEBUG=1 shows the traceback)",
+    EXIT_INTERNAL: "internal error (a bug; EDGE_TRADY_DEBUG=1 shows the traceback); 'health': unhealthy",
     EXIT_INPUT: "bad input or environment (options, data, plan, profile, artifact, checkpoint, run folder, I/O)",
     EXIT_MEMORY: "memory guard refused to start, or out of memory",
     EXIT_DIVERGED: "training diverged (non-finite loss or weights); last good checkpoint kept",

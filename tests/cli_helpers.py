@@ -26,12 +26,13 @@ def one_error_line(err: str) -> str:
     return lines[-1]
 
 
-def small_artifact(root: Path) -> tuple[Path, Path]:
-    """Plan and export MobileNetV2-w0.35 at 32 px for 4 synthetic classes, 5 % of its channels drawn
-    from every layer (no ranking needed), batch 8, 2 epochs: (plan.json, artifact folder)."""
+def small_artifact(root: Path, engine: str = "ort") -> tuple[Path, Path]:
+    """Plan (for ``engine``: ort or portable) and export MobileNetV2-w0.35 at 32 px for 4 synthetic
+    classes, 5 % of its channels drawn from every layer (no ranking needed), batch 8, 2 epochs:
+    (plan.json, artifact folder)."""
     code, _, err = edge_trady(
         "plan", "--model", "mobilenetv2-w0.35", "--image-size", "32", "--profile", "this-workstation",
-        "--engine", "ort", "--method", "d-full-random", "--budget", "5%", "--data", "synthetic:4",
+        "--engine", engine, "--method", "d-full-random", "--budget", "5%", "--data", "synthetic:4",
         "--per-class", "8", "--batch-size", "8", "--epochs", "2", "--lr", "0.01", "-o", root / "plan.json", "--quiet",
     )  # fmt: skip
     assert code == 0, err

@@ -17,9 +17,10 @@ def tiny_model():
     return built, trace_layers(built.module, 32)
 
 
-@pytest.fixture(scope="session")
-def small_artifact(tmp_path_factory):
-    """(plan.json, artifact) of a small ORT plan shared by the safety tests (cli_helpers)."""
+@pytest.fixture(scope="session", params=["ort", "portable"])
+def small_artifact(request, tmp_path_factory):
+    """(plan.json, artifact) of a small plan for the ort engine (ort-training format) or the portable
+    one (onnx format), shared by the safety tests (cli_helpers): each runs with both."""
     from cli_helpers import small_artifact
 
-    return small_artifact(tmp_path_factory.mktemp("small-artifact"))
+    return small_artifact(tmp_path_factory.mktemp(f"small-artifact-{request.param}"), request.param)

@@ -2,7 +2,8 @@
 a correct run or exits != 0 with one ``error:`` line (never status 1, the internal-error status,
 never a traceback), and touches nothing outside ``--out``.
 
-Each field of the file is replaced by a value of another type or out of range, deleted, or joined
+Both artifact formats (conftest's ``small_artifact``): the ort-training layout.json and the portable
+portable.json. Each field of the file is replaced by a value of another type or out of range, deleted, or joined
 by an unknown one. The default suite runs a few derandomized examples per file;
 ``python -m pytest -m slow tests/test_fuzz_inputs.py`` runs many more, random ones."""
 
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 
 from edge_trady.device.manifest import MANIFEST_FILE
 from edge_trady.device.profile import load_profile
+from edge_trady.engines.portable_format import LAYOUT_FILE
 
 RUN = ["--train", "synthetic:4", "--per-class", "4", "--epochs", "1", "--quiet"]
 ODD_VALUES = st.one_of(
@@ -121,13 +123,18 @@ def _manifest_case(artifact: Path, doc: dict) -> None:
             assert (out / "done.json").is_file() and (out / "model.onnx").is_file()
 
 
+def _layout_file(artifact: Path) -> str:
+    """The layout file of the artifact's format: layout.json (ort-training) or portable.json (onnx)."""
+    return LAYOUT_FILE if json.loads((artifact / MANIFEST_FILE).read_text())["format"] == "onnx" else "layout.json"
+
+
 def _layout_case(artifact: Path, doc: dict) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         copy_ = root / "artifact"
         shutil.copytree(artifact, copy_)
-        _write(copy_ / "layout.json", doc)
-        _rehash(copy_, "layout.json")
+        _write(copy_ / _layout_file(artifact), doc)
+        _rehash(copy_, _layout_file(artifact))
         out = root / "run"
         if _check(root, out, "run", copy_, *RUN, "--out", out) == 0:
             assert (out / "done.json").is_file()
@@ -196,7 +203,7 @@ def _cases(small_artifact, stopped):
     plan, artifact = small_artifact
     return {
         "manifest": (_doc(artifact / MANIFEST_FILE), lambda doc: _manifest_case(artifact, doc)),
-        "layout": (_doc(artifact / "layout.json"), lambda doc: _layout_case(artifact, doc)),
+        "layout": (_doc(artifact / _layout_file(artifact)), lambda doc: _layout_case(artifact, doc)),
         "plan": (_doc(plan), lambda doc: _plan_case(plan, doc)),
         "profile": (_profile_doc(), _profile_case),
         "checkpoint": (

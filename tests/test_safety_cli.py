@@ -166,6 +166,7 @@ def test_model_code_runs_only_when_trusted(plan: Path, tmp_path: Path) -> None:
         assert code == 2 and "pass --trust-model-code if you trust it" in one_error_line(err), args
     assert not (tmp_path / "executed").exists()
     code, out, _ = edge_trady("export", "--help")
+    out = " ".join(out.split())
     assert "--trust-model-code" in out and "runs its Python code" in out
 
 

@@ -29,6 +29,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .data import Dataset, epoch_order
+from .heartbeat import FINISHED, TRAINING, Heartbeat
 from .memwatch import peak_rss_bytes, release_free_memory
 from .progress import Progress
 from .runlog import EpochMetrics, RunLog, read_jsonl
@@ -46,6 +47,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0  # also checkpoint every N steps (0: only at epoch ends)
     budget_unit: str = "units"  # unit of the sampler's budget and costs: "units" or "bytes"
+    heartbeat_every: int = 10  # heartbeat.json every N steps (0: at epoch ends only)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -152,7 +154,10 @@ def train(
         save_checkpoint(run_dir, engine, state, origin)
 
     progress.start(config.epochs, steps_per_epoch, len(train_data), state.epoch, state.step_in_epoch, state.seen)
-    with _stop_on_signals() as stop_requested:
+    heartbeat = Heartbeat(run_dir, config.heartbeat_every, config.epochs, steps_per_epoch)
+    if state.epoch < config.epochs:  # a finished run's folder is left as it is
+        heartbeat.beat(TRAINING, state.epoch, state.step_in_epoch)
+    with _stop_on_signals() as stop_requested, heartbeat.on_error(stopped=Stopped):
         for epoch in range(state.epoch, config.epochs):
             selection = _epoch_selection(sampler, state, epoch, score_fn)
             engine.set_selection(selection)
@@ -171,6 +176,7 @@ def train(
                 state.seen += len(y)
                 state.step_in_epoch = step + 1
                 progress.step(epoch, step + 1, state.seen, loss)
+                heartbeat.step(epoch, step + 1)
                 every = config.checkpoint_every
                 if stop_requested() or (every and (step + 1) % every == 0 and step + 1 < steps_per_epoch):
                     state.elapsed_s = time.monotonic() - started
@@ -203,6 +209,7 @@ def train(
             state = LoopState(epoch + 1, sampler=sampler.state())
             state.initial_val_loss, state.initial_val_acc = initial
             save_checkpoint(run_dir, engine, state, origin)
+            heartbeat.beat(FINISHED if epoch + 1 == config.epochs else TRAINING, epoch + 1, 0)
     return TrainResult(read_jsonl(log.metrics_path), *initial, resume)
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from ..core.atomic import remove_stale_temporaries, temporary_owner, write_json
 from ..errors import RunFolderBusy, RunFolderError
 from .checkpoint import CHECKPOINTS, OWNED_IN_CHECKPOINTS, has_checkpoint
+from .heartbeat import HEARTBEAT_FILE
 from .progress import Progress
 from .runlog import METRICS_FILE, SELECTION_FILE
 
@@ -53,9 +54,9 @@ class Outputs:
 
 
 # Every training command writes these; commands add their model files.
-TRAINING_OUTPUTS = Outputs(frozenset({METRICS_FILE, SELECTION_FILE, SUMMARY_FILE, DONE_FILE})).with_folder(
-    CHECKPOINTS, OWNED_IN_CHECKPOINTS
-)
+TRAINING_OUTPUTS = Outputs(
+    frozenset({METRICS_FILE, SELECTION_FILE, SUMMARY_FILE, DONE_FILE, HEARTBEAT_FILE})
+).with_folder(CHECKPOINTS, OWNED_IN_CHECKPOINTS)
 
 
 @dataclass

@@ -112,17 +112,17 @@ def check_loaded_data(plan: Plan, data: list[Dataset], force: bool, progress: Pr
         )
 
 
-def check_artifact(manifest: Manifest, trainable: dict[str, int], where: Path) -> None:
-    """Raise ArtifactError unless the plan's candidate layers are the layers the artifact trains
-    (``trainable``: layer name -> input channels, from the engine) and its manifest says so."""
+def check_selection_inputs(manifest: Manifest, where: Path) -> None:
+    """Raise ArtifactError unless the manifest's selection inputs name exactly the plan's candidate
+    layers, with their input channels."""
     plan_layers = {layer["name"]: layer["in_channels"] for layer in manifest.plan.layers}
-    listed = {entry["layer"]: entry["channels"] for entry in manifest.masks.values()}
-    for what, layers in (("the manifest's masks", listed), ("the artifact", trainable)):
-        if layers != plan_layers:
-            name = next(iter(sorted(set(layers.items()) ^ set(plan_layers.items()))))[0]
-            raise ArtifactError(
-                f"{where}: the plan's candidate layers differ from {what} (first: {name!r}); export the artifact again"
-            )
+    listed = {entry["layer"]: entry["channels"] for entry in manifest.selection_inputs.values()}
+    if listed != plan_layers or len(listed) != len(manifest.selection_inputs):
+        name = next(iter(sorted(set(listed.items()) ^ set(plan_layers.items()))), ("a layer listed twice",))[0]
+        raise ArtifactError(
+            f"{where}: the plan's candidate layers differ from the manifest's selection inputs (first: {name!r}); "
+            "export the artifact again"
+        )
 
 
 def check_data(data: Dataset, num_classes: int, class_names: list[str] | None, image_size: int) -> None:
@@ -193,14 +193,32 @@ def load_data(manifest: Manifest, request: RunRequest) -> tuple[Dataset, Dataset
     return train_data, val_data
 
 
+def open_engine(manifest: Manifest, artifact: Path):
+    """The engine of the artifact's format (it loads onnxruntime: only when a run really starts),
+    checked against the plan the manifest carries."""
+    check_selection_inputs(manifest, artifact)
+    if manifest.format == "onnx":
+        from ..engines.portable import PortableEngine
+
+        engine = PortableEngine(artifact)
+    else:
+        from ..engines.ort_training import OrtEngine
+
+        engine = OrtEngine(artifact)
+    for layer in manifest.plan.layer_costs:
+        if engine.layers.get(layer.name) != layer:
+            raise ArtifactError(
+                f"{artifact}: the plan in its manifest does not match its graph (layer {layer.name!r}): export it again"
+            )
+    return engine
+
+
 def run(request: RunRequest, progress: Progress) -> RunSummary | None:
     """Fine-tune the artifact on the device; writes the run folder and returns its summary (None:
     ``--resume`` on a finished run, which does nothing and changes no file)."""
     if request.resume and run_finished(request.out):
         progress.line(f"{request.out}: the run there has finished ({DONE_FILE}); nothing to do")
         return None
-    from ..engines.ort_training import OrtEngine  # loads onnxruntime: only when a run really starts
-
     started = time.monotonic()
     manifest = Manifest.load(request.artifact)
     plan = manifest.plan
@@ -213,8 +231,7 @@ def run(request: RunRequest, progress: Progress) -> RunSummary | None:
             return None
         train_data, val_data = load_data(manifest, request)
         check_loaded_data(plan, [train_data, val_data], request.force, progress)
-        engine = OrtEngine(request.artifact)
-        check_artifact(manifest, {layer.name: layer.in_channels for layer in engine.layout.layers}, request.artifact)
+        engine = open_engine(manifest, request.artifact)
         check_memory(plan.estimate.peak_bytes, request.force, progress, "with the engine loaded, the predicted peak")
         config = TrainConfig(
             request.epochs or plan.epochs,

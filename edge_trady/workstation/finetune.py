@@ -30,11 +30,13 @@ from .models import BuiltModel, build_model, model_normalization
 from .ranking import DEFAULT_THRESHOLD, Ranking, build_ranking
 from .rgn import channel_rgn, layer_lara
 
-ENGINES = ("torch-masked", "torch-sparse", "ort")
+ENGINES = ("torch-masked", "torch-sparse", "ort", "portable")
 RANKING_FILE = "ranking.json"
-ARTIFACT_DIR = "artifact"  # the ort engine's training artifact, inside the run folder
+ARTIFACT_DIR = "artifact"  # the ort / portable engine's training artifact, inside the run folder
 FINETUNE_OUTPUTS = TRAINING_OUTPUTS.with_files("model.pt", "model.onnx", RANKING_FILE).with_folder(
-    ARTIFACT_DIR, r"^(layout\.json|training_model\.onnx|eval_model\.onnx|optimizer_model\.onnx|checkpoint)$"
+    ARTIFACT_DIR,
+    r"^(layout\.json|training_model\.onnx|eval_model\.onnx|optimizer_model\.onnx|checkpoint"
+    r"|portable\.json|train_step\.onnx|inference\.onnx)$",
 )
 
 
@@ -173,25 +175,38 @@ def make_engine(prep: Prepared, spec: FinetuneSpec, out_dir: Path, trainable: li
         from ..engines.torch_sparse import TorchSparseEngine
 
         return TorchSparseEngine(prep.built.module, prep.layers, prep.built.classifier)
+    artifact = out_dir / ARTIFACT_DIR
+    staging = staging_sibling(artifact)
+    args = (prep.built.module, prep.layers, trainable, prep.built.classifier, spec.image_size, staging)
     if spec.engine == "ort":
         from ..engines.ort_training import OrtEngine
         from .export.ort_training import export_training_artifact
 
-        artifact = out_dir / ARTIFACT_DIR
-        owned = FINETUNE_OUTPUTS.folders[ARTIFACT_DIR]
-        theirs = sorted(p.name for p in artifact.iterdir() if not owned.match(p.name)) if artifact.is_dir() else []
-        if theirs:
-            raise RunFolderError(f"{artifact}: holds files edge-trady did not write ({', '.join(theirs[:5])})")
-        staging = staging_sibling(artifact)
-        try:
-            layout = export_training_artifact(
-                prep.built.module, prep.layers, trainable, prep.built.classifier, spec.image_size, staging
-            )
-            replace_folder(staging, artifact)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return OrtEngine(artifact, layout)
+        return OrtEngine(artifact, _export_artifact(export_training_artifact, args, artifact))
+    if spec.engine == "portable":
+        from ..engines.portable import PortableEngine
+        from .export.portable import export_portable_artifact
+
+        return PortableEngine(artifact, _export_artifact(export_portable_artifact, args, artifact))
     raise EdgeTradyError(f"unknown engine {spec.engine!r}; choose from {', '.join(ENGINES)}")
+
+
+def _export_artifact(export, args: tuple, artifact: Path):
+    """Export the run's training artifact (``export(*args)``, into the staging folder that ends
+    ``args``) and swap it in whole; refuses an ``artifact/`` holding files edge-trady did not
+    write. Returns the exporter's layout."""
+    staging = args[-1]
+    owned = FINETUNE_OUTPUTS.folders[ARTIFACT_DIR]
+    theirs = sorted(p.name for p in artifact.iterdir() if not owned.match(p.name)) if artifact.is_dir() else []
+    if theirs:
+        raise RunFolderError(f"{artifact}: holds files edge-trady did not write ({', '.join(theirs[:5])})")
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+        layout = export(*args)
+        replace_folder(staging, artifact)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return layout
 
 
 def weights_digest(module: torch.nn.Module) -> str:
@@ -272,7 +287,7 @@ def _finetune(spec: FinetuneSpec, out_dir: Path, progress: Progress, resume: boo
     score_fn = rgn_score_fn(engine, prep, sampler, spec) if sampler.needs_scores else None
     origin = {"model": spec.model, "image_size": spec.image_size, "initial_weights": initial_weights}
     result = train(engine, sampler, prep.train, prep.val, config, out_dir, progress, score_fn, resume, origin)
-    if spec.engine == "ort":
+    if spec.engine in ("ort", "portable"):
         with replacing(out_dir / "model.onnx") as tmp:
             engine.export_inference(tmp)
     else:

@@ -21,18 +21,30 @@ from ..cost_trace import trace_layers
 from ..models import build_model
 from .forward import INPUT
 from .ort_training import export_training_artifact
+from .portable import export_portable_artifact
+
+FORMAT_OF_ENGINE = {"portable": "onnx", "ort": "ort-training"}  # the plan's engine -> what it runs
 
 
-def export_plan(plan: Plan, out_dir: Path, overwrite: bool = False, trust_model_code: bool = False) -> Manifest:
-    """Write the artifact of ``plan`` and its manifest to ``out_dir``; return the Manifest.
+def export_plan(
+    plan: Plan,
+    out_dir: Path,
+    artifact_format: str | None = None,
+    overwrite: bool = False,
+    trust_model_code: bool = False,
+) -> Manifest:
+    """Write the artifact of ``plan`` (format ``artifact_format``, default: the one its engine
+    runs) and its manifest to ``out_dir``; return the Manifest.
 
     The artifact is built in a hidden sibling folder and swapped into place when complete, so a
     failed or killed export leaves the previous artifact (or nothing) behind, never half of one.
     ``out_dir`` must be new or empty, or (``overwrite``) hold exactly one artifact."""
-    if plan.engine != "ort":
+    artifact_format = artifact_format or FORMAT_OF_ENGINE.get(plan.engine)
+    engine = next((e for e, f in FORMAT_OF_ENGINE.items() if f == artifact_format), None)
+    if plan.engine != engine:
         raise ArtifactError(
-            f"the plan is for engine {plan.engine!r}: its memory prediction does not hold for the "
-            "device runner (ONNX Runtime); make it with 'edge-trady plan --engine ort'"
+            f"the plan is for engine {plan.engine!r}: its memory prediction does not hold for the device runner of "
+            f"format {artifact_format or 'onnx'!r}; make it with 'edge-trady plan --engine {engine or 'portable'}'"
         )
     out_dir = Path(out_dir).expanduser().resolve()
     check_export_target(out_dir, overwrite)
@@ -41,12 +53,21 @@ def export_plan(plan: Plan, out_dir: Path, overwrite: bool = False, trust_model_
     layers = trace_layers(built.module, plan.image_size)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_sibling(out_dir)
+    args = (built.module, layers, trainable, built.classifier, plan.image_size, staging)
     try:
-        layout = export_training_artifact(built.module, layers, trainable, built.classifier, plan.image_size, staging)
-        channels = {layer.name: layer.in_channels for layer in layout.layers}
+        if artifact_format == "onnx":
+            selection = {name: layer for layer, name in export_portable_artifact(*args).channel_inputs.items()}
+            layer_costs = {layer.name: layer for layer in layers}
+        else:
+            layout = export_training_artifact(*args)
+            selection = layout.masks
+            layer_costs = {layer.name: layer for layer in layout.layers}
         manifest = Manifest(
+            format=artifact_format,
             plan=plan,
-            masks={mask: {"layer": name, "channels": channels[name]} for mask, name in layout.masks.items()},
+            selection_inputs={
+                name: {"layer": layer, "channels": layer_costs[layer].in_channels} for name, layer in selection.items()
+            },
             input={
                 "name": INPUT,
                 "image_size": plan.image_size,
