@@ -64,6 +64,16 @@ def list_of(rule: Rule, name: str, length: int | None = None) -> Rule:
     return check
 
 
+def mapping(key: Rule, value: Rule, name: str) -> Rule:
+    """An object whose every key and value pass ``key`` and ``value``."""
+
+    def rule(data: Any) -> str | None:
+        ok = isinstance(data, dict) and all(not key(k) and not value(v) for k, v in data.items())
+        return None if ok else name
+
+    return rule
+
+
 def relative_path(value: Any) -> str | None:
     """A relative path that stays inside its folder (no absolute path, no ``..``)."""
     if not isinstance(value, str) or not value or "\\" in value or "\0" in value:

@@ -30,14 +30,6 @@ def _sha256_hex(value: object) -> str | None:
     return None if ok else "a sha256 (64 hex digits)"
 
 
-def _mapping(key: f.Rule, value: f.Rule, name: str) -> f.Rule:
-    def rule(data: object) -> str | None:
-        ok = isinstance(data, dict) and all(not key(k) and not value(v) for k, v in data.items())
-        return None if ok else name
-
-    return rule
-
-
 _INPUT = {
     "name": f.text,
     "image_size": f.integer(1, 8192),
@@ -47,8 +39,7 @@ _INPUT = {
 }
 _CLASS_NAMES = f.optional(f.list_of(f.of_type(str, "x"), "a list of class names"))
 MANIFEST_RULES: dict[str, f.Rule] = {
-    "format": f.one_of(*FORMATS),
-    "selection_inputs": _mapping(
+    "selection_inputs": f.mapping(
         f.text,
         lambda m: (
             None
@@ -67,8 +58,8 @@ MANIFEST_RULES: dict[str, f.Rule] = {
     ),
     "normalization": f.normalization,
     "class_names": _CLASS_NAMES,
-    "versions": _mapping(f.text, f.of_type(str, "x"), "an object of version strings"),
-    "files": _mapping(f.relative_path, _sha256_hex, "an object of relative path -> sha256"),
+    "versions": f.mapping(f.text, f.of_type(str, "x"), "an object of version strings"),
+    "files": f.mapping(f.relative_path, _sha256_hex, "an object of relative path -> sha256"),
 }
 MODEL_INFO_RULES: dict[str, f.Rule] = {
     "image_size": f.integer(1, 8192),
