@@ -60,6 +60,10 @@ def command(ctx: click.Context, plan_path: str | None, out_dir: str, resume: boo
         fields = Plan.load(Path(plan_path)).finetune_fields() | {k: fields[k] for k in explicit}
         fields["data"] = options["data"]
     result = run_finetune(FinetuneSpec(**fields), Path(out_dir), Progress(quiet), resume)
+    if result.accuracy_fell:
+        from ..device.loop import accuracy_fell_message
+
+        click.echo(f"warning: {accuracy_fell_message(result.initial_val_acc, result.final_val_acc)}", err=True)
     if not quiet:
         acc = f"{result.final_val_acc:.4f}" if result.final_val_acc is not None else "n/a"
         click.echo(

@@ -12,9 +12,14 @@ d-full-random      all                 every epoch     uniform random
 s-full-random      all                 once            uniform random
 d-det-rgn          all                 every epoch     highest channel RGN first
 s-det-rgn          all                 once            highest channel RGN first
-full               all                 --              every channel (no budget)
+full               all                 --              every parameter, BatchNorm in train mode
+full-frozen-bn     all                 --              every channel, BatchNorm frozen
 classifier-only    none                --              no channel
 =================  ==================  ==============  ==========================
+
+``full`` is full fine-tuning as users run it: batch statistics (running statistics updated) and
+every parameter trained, BatchNorm affine and biases included; only the PyTorch masked engine does
+it. Every other method runs the model with frozen BatchNorm (the usual choice on device).
 
 Random rules draw channels uniformly without replacement from the pooled channels and add each
 one while the total stays within the budget. ``overflow="skip"`` (default) skips a drawn channel
@@ -37,6 +42,7 @@ class MethodSpec:
     pool: str  # "topk", "all" or "none"
     dynamic: bool
     rule: str  # "random", "rgn", "all" or "none"
+    batchnorm: str = "frozen"  # "train": batch statistics and every parameter trained (full FT)
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -46,7 +52,8 @@ METHODS: dict[str, MethodSpec] = {
     "s-full-random": MethodSpec("all", False, "random"),
     "d-det-rgn": MethodSpec("all", True, "rgn"),
     "s-det-rgn": MethodSpec("all", False, "rgn"),
-    "full": MethodSpec("all", False, "all"),
+    "full": MethodSpec("all", False, "all", batchnorm="train"),
+    "full-frozen-bn": MethodSpec("all", False, "all"),
     "classifier-only": MethodSpec("none", False, "none"),
 }
 OVERFLOW_POLICIES = ("skip", "stop")

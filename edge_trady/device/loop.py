@@ -35,10 +35,11 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0  # also checkpoint every N steps (0: only at epoch ends)
     budget_unit: str = "units"  # unit of the sampler's budget and costs: "units" or "bytes"
+    eval_every: int = 1  # validate every N epochs (and always after the last)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise EdgeTradyError("epochs and batch size must be >= 1 and the learning rate > 0")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.eval_every < 1:
+            raise EdgeTradyError("epochs, batch size and eval interval must be >= 1 and the learning rate > 0")
 
 
 class Stopped(EdgeTradyError):
@@ -69,8 +70,10 @@ def train(
     progress: Progress,
     score_fn: ScoreFn | None = None,
     resume: bool = False,
+    start_acc: float | None = None,
 ) -> list[dict]:
-    """Train for ``config.epochs``; returns every epoch's metrics (as logged)."""
+    """Train for ``config.epochs``; returns every epoch's metrics (as logged). ``start_acc``: the
+    validation accuracy before training; an epoch that ends below it is flagged in the progress."""
     steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
     schedule = make_schedule(config.lr, config.epochs, steps_per_epoch, config.warmup_epochs)
     resume = resume and has_checkpoint(run_dir)  # nothing saved yet: a fresh start
@@ -103,7 +106,8 @@ def train(
                     save_checkpoint(run_dir, engine, state)
                     if stop_requested():
                         raise Stopped(f"stopped by signal; resume with --resume ({run_dir})")
-            val_loss, val_acc = evaluate(engine, val_data, config.batch_size) if val_data else (None, None)
+            due = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
+            val_loss, val_acc = evaluate(engine, val_data, config.batch_size) if val_data and due else (None, None)
             metrics = EpochMetrics(
                 epoch=epoch + 1,
                 train_loss=state.loss_sum / max(1, state.seen),
@@ -123,9 +127,23 @@ def train(
             )
             log.write(metrics, selection)
             progress.line(_summary(metrics, config.epochs))
+            if fell_below(start_acc, val_acc):
+                progress.line(f"warning: {accuracy_fell_message(start_acc, val_acc)}")
             state = LoopState(epoch=epoch + 1, sampler=sampler.state())
             save_checkpoint(run_dir, engine, state)
     return read_jsonl(log.metrics_path)
+
+
+def fell_below(start_acc: float | None, val_acc: float | None) -> bool:
+    """True when a validation accuracy ended below the accuracy before training."""
+    return start_acc is not None and val_acc is not None and val_acc < start_acc
+
+
+def accuracy_fell_message(start_acc: float, val_acc: float) -> str:
+    return (
+        f"validation accuracy fell below its starting point ({start_acc:.4f} -> {val_acc:.4f}): training "
+        "made the model worse; try a lower learning rate (--lr) or a smaller budget"
+    )
 
 
 def _epoch_selection(sampler: ChannelSampler, state: LoopState, epoch: int, score_fn: ScoreFn | None) -> Selection:

@@ -4,6 +4,10 @@ This is what the paper simulated: it saves no memory (every trainable layer keep
 input and computes its whole weight gradient) but is the reference the other engines match.
 The model runs in ``eval()`` mode: BatchNorm statistics and affine frozen, no dropout.
 Only Conv2d/Linear weights are trained (and the classifier's bias); plain SGD.
+
+``batchnorm="train"`` is full fine-tuning as users run it: during training steps the BatchNorm
+layers use batch statistics and update their running statistics, and every parameter of the model
+trains (BatchNorm affine and biases too); prediction uses the running statistics. Dropout stays off.
 """
 
 from __future__ import annotations
@@ -22,15 +26,20 @@ from ..core.selection import Selection
 
 GradObserver = Callable[[dict[str, torch.Tensor]], None]
 WEIGHTS_FILE = "weights.pt"
+BATCHNORM_MODES = ("frozen", "train")
 
 
 class TorchMaskedEngine:
     name = "torch-masked"
 
-    def __init__(self, model: nn.Module, layers: list[LayerCost], classifier: str) -> None:
+    def __init__(self, model: nn.Module, layers: list[LayerCost], classifier: str, batchnorm: str = "frozen") -> None:
+        if batchnorm not in BATCHNORM_MODES:
+            raise ValueError(f"batchnorm must be one of {BATCHNORM_MODES}, got {batchnorm!r}")
         self.model = model.eval()
         self.layers = {layer.name: layer for layer in layers}
         self.classifier = classifier
+        self.batchnorm = batchnorm
+        self.norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.masks: dict[str, torch.Tensor] = {}
         self.params: dict[str, nn.Parameter] = {}
         self.grad_observer: GradObserver | None = None
@@ -50,12 +59,22 @@ class TorchMaskedEngine:
             self.params[name] = self.model.get_submodule(name).weight
             if len(channels) < layer.in_channels:
                 self.masks[name] = torch.from_numpy(channel_mask(layer, channels))
+        if self.batchnorm == "train":  # full fine-tuning: every other parameter too (BN affine, biases)
+            chosen = {id(p) for p in self.params.values()}
+            self.params.update((n, p) for n, p in self.model.named_parameters() if id(p) not in chosen)
         for param in self.params.values():
             param.requires_grad_(True)
 
     def gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[float, torch.Tensor, dict[str, torch.Tensor]]:
         """Loss, logits and the unmasked gradients of the trainable weights for one batch."""
-        logits = self.model(torch.from_numpy(x))
+        training = self.batchnorm == "train"
+        for norm in self.norms:
+            norm.train(training)  # batch statistics; running statistics updated
+        try:
+            logits = self.model(torch.from_numpy(x))
+        finally:
+            for norm in self.norms:
+                norm.eval()
         loss = F.cross_entropy(logits, torch.from_numpy(y))
         grads = torch.autograd.grad(loss, list(self.params.values()))
         return float(loss.detach()), logits.detach(), dict(zip(self.params, grads, strict=True))

@@ -16,7 +16,7 @@ from ..core.budget import Budget, parse_budget
 from ..core.layers import LayerCost, full_units
 from ..core.selection import CandidateLayer, ChannelSampler, Selection, method_spec
 from ..device.data import Dataset, epoch_order, load_dataset
-from ..device.loop import TrainConfig, evaluate, train
+from ..device.loop import TrainConfig, evaluate, fell_below, train
 from ..device.memwatch import peak_rss_bytes
 from ..device.progress import Progress
 from ..device.runner import channel_sampler
@@ -56,6 +56,7 @@ class FinetuneSpec:
     engine: str = "torch-masked"
     score_batches: int = 4  # batches used to score channels for the RGN oracles
     checkpoint_every: int = 0
+    eval_every: int = 1  # validate every N epochs (and after the last)
 
 
 @dataclass
@@ -150,8 +151,14 @@ def rgn_score_fn(engine: TorchMaskedEngine, prep: Prepared, sampler: ChannelSamp
 
 
 def make_engine(prep: Prepared, spec: FinetuneSpec, out_dir: Path, trainable: list[str]):
+    batchnorm = method_spec(spec.method).batchnorm
     if spec.engine == "torch-masked":
-        return TorchMaskedEngine(prep.built.module, prep.layers, prep.built.classifier)
+        return TorchMaskedEngine(prep.built.module, prep.layers, prep.built.classifier, batchnorm)
+    if batchnorm != "frozen":
+        raise EdgeTradyError(
+            f"method {spec.method!r} trains BatchNorm with batch statistics, which only the torch-masked "
+            "engine does: use --engine torch-masked, or --method full-frozen-bn"
+        )
     if spec.engine == "torch-sparse":
         from ..engines.torch_sparse import TorchSparseEngine
 
@@ -182,6 +189,7 @@ class FinetuneResult:
     final_train_loss: float
     peak_rss_bytes: int
     seconds: float
+    accuracy_fell: bool = False  # final validation accuracy below the one before training
     epochs: list[dict] = field(default_factory=list)
 
 
@@ -214,11 +222,12 @@ def run_finetune(spec: FinetuneSpec, out_dir: Path, progress: Progress, resume: 
         spec.seed,
         spec.checkpoint_every,
         prep.budget.unit,
+        spec.eval_every,
     )
     score_fn = rgn_score_fn(engine, prep, sampler, spec) if sampler.needs_scores else None
     if sampler.needs_scores and not isinstance(engine, TorchMaskedEngine):
         raise EdgeTradyError(f"method {spec.method!r} (an RGN oracle) needs --engine torch-masked")
-    epochs = train(engine, sampler, prep.train, prep.val, config, out_dir, progress, score_fn, resume)
+    epochs = train(engine, sampler, prep.train, prep.val, config, out_dir, progress, score_fn, resume, initial_acc)
     if spec.engine == "ort":
         with replacing(out_dir / "model.onnx") as tmp:
             engine.export_inference(tmp)
@@ -237,6 +246,7 @@ def run_finetune(spec: FinetuneSpec, out_dir: Path, progress: Progress, resume: 
         final_train_loss=epochs[-1]["train_loss"],
         peak_rss_bytes=peak_rss_bytes(),
         seconds=time.monotonic() - started,
+        accuracy_fell=fell_below(initial_acc, epochs[-1]["val_acc"]),
         epochs=epochs,
     )
     write_json(out_dir / "summary.json", asdict(result), indent=2)
