@@ -46,6 +46,7 @@ HELD_OUT = 40  # of the PER_CLASS training images per class, for the lr sweep
 EPOCHS = 20
 BATCH = 32
 MAIN_BUDGET = "2.5%"
+PID_FILE = "worker.pid"
 
 # bench method -> FinetuneSpec fields. Budgeted methods train with torch-sparse (same weights as the
 # masked engine, faster); full fine-tuning with BatchNorm in train mode needs torch-masked.
@@ -57,9 +58,15 @@ METHODS: dict[str, dict] = {
     "s-topk-random": {"method": "s-topk-random", "engine": "torch-sparse"},
     "d-full-random": {"method": "d-full-random", "engine": "torch-sparse"},
     "s-full-random": {"method": "s-full-random", "engine": "torch-sparse"},
+    # what else the budget can buy, at TraDy's memory and learning rate
+    "trady+gradnorm": {"method": "trady", "engine": "torch-sparse", "weighting": "gradnorm"},
+    "trady+shifts": {"method": "trady", "engine": "torch-sparse", "train_shifts": "candidates"},
+    "trady+budget-k": {"method": "trady", "engine": "torch-sparse", "k_rule": "budget"},
+    "trady+lara": {"method": "trady", "engine": "torch-sparse", "rank_score": "lara"},
 }
 REFERENCES = ("classifier-only", "full", "full-frozen-bn")
-LR_OF: dict[str, str] = {}  # variant -> the method whose swept lr it uses
+VARIANTS = ("trady+gradnorm", "trady+shifts", "trady+budget-k", "trady+lara")
+LR_OF: dict[str, str] = dict.fromkeys(VARIANTS, "trady")  # variant -> the method whose swept lr it uses
 
 
 @dataclass(frozen=True)
@@ -69,8 +76,9 @@ class Setting:
     image_size: int
     methods: tuple[str, ...]  # swept and run at MAIN_BUDGET (references: no budget)
     budgets: dict[str, tuple[str, ...]] = field(default_factory=dict)  # extra budgets (each swept)
-    final: tuple[str, ...] | None = None  # methods with final runs (default: all)
+    final: tuple[str, ...] | None = None  # methods run first (sweep, then final runs); default: all
     lr_from: str | None = None  # take the chosen lrs from this setting's sweep
+    last: tuple[str, ...] = ()  # methods run after everything else
 
 
 CORE = ("classifier-only", "full", "trady", "s-topk-random", "d-full-random", "s-full-random")
@@ -81,9 +89,10 @@ SETTINGS: dict[str, Setting] = {
             "lite0-64",
             "efficientnet-lite0",
             64,
-            (*CORE, "full-frozen-bn"),
+            (*CORE, *VARIANTS),
             budgets={"trady": ("1%", "10%")},
             final=CORE,
+            last=("full-frozen-bn",),
         ),
         Setting("lite0-32", "efficientnet-lite0", 32, ("classifier-only", "full", "trady", "d-full-random")),
         Setting(
@@ -156,15 +165,16 @@ def pending(settings: list[Setting]) -> Iterator[Job]:
     """Runs still missing in priority order: per setting, the final methods at the main budget
     (their sweeps, then their final runs), then every other method and budget the same way."""
     for setting in settings:
-        cells = [(m, "-" if m in REFERENCES else MAIN_BUDGET) for m in setting.methods]
-        cells += [(m, b) for m in setting.methods for b in setting.budgets.get(m, ())]
-        first = [c for c in cells if c[1] in ("-", MAIN_BUDGET) and (setting.final is None or c[0] in setting.final)]
-        for group in (first, [c for c in cells if c not in first]):
+        main = [(m, "-" if m in REFERENCES else MAIN_BUDGET) for m in setting.methods]
+        first = [c for c in main if setting.final is None or c[0] in setting.final]
+        extra = [(m, b) for m in setting.methods for b in setting.budgets.get(m, ())]
+        last = [(m, "-" if m in REFERENCES else MAIN_BUDGET) for m in setting.last]
+        for group in (first, [c for c in main if c not in first], extra, last):
             finals: list[Job] = []
             for method, budget in group:
                 lr, sweep = chosen_lr(setting, method, budget)
                 yield from sweep
-                if lr is not None and (setting.final is None or method in setting.final):
+                if lr is not None:
                     finals += [Job(setting.name, "final", method, budget, lr, seed) for seed in SEEDS]
             yield from (job for job in finals if read_result(job) is None)
 
@@ -172,12 +182,13 @@ def pending(settings: list[Setting]) -> Iterator[Job]:
 def drive(settings: list[Setting], jobs: int) -> None:
     running: dict[str, tuple[Job, subprocess.Popen, float]] = {}
     while True:
-        waiting = [job for job in pending(settings) if job.key + job.setting not in running]
-        waiting = list({job.key + job.setting: job for job in waiting}.values())
-        while waiting and len(running) < jobs:
+        todo = list({job.key + job.setting: job for job in pending(settings)}.values())
+        elsewhere = sum(_busy(job) for job in todo if job.key + job.setting not in running)  # other drivers'
+        waiting = [job for job in todo if job.key + job.setting not in running and not _busy(job)]
+        while waiting and len(running) + elsewhere < jobs:
             job = waiting.pop(0)
             running[job.key + job.setting] = (job, _launch(job), time.monotonic())
-        if not running:
+        if not running and not elsewhere:
             return
         time.sleep(5)
         for name, (job, proc, started) in list(running.items()):
@@ -189,6 +200,15 @@ def drive(settings: list[Setting], jobs: int) -> None:
             print(f"{job.setting} {job.key}: {status} ({time.monotonic() - started:.0f}s)", flush=True)
             if result is None:
                 raise SystemExit(f"run failed; see {job.run_dir / 'log.txt'}")
+
+
+def _busy(job: Job) -> bool:
+    """True while another driver's worker runs ``job`` (its pid file names a live process)."""
+    try:
+        os.kill(int((job.run_dir / PID_FILE).read_text()), 0)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def _launch(job: Job) -> subprocess.Popen:
@@ -237,6 +257,8 @@ def run_job(job: Job) -> dict:
     from edge_trady.workstation.finetune import FinetuneSpec, run_finetune
 
     torch.set_num_threads(1)
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    (job.run_dir / PID_FILE).write_text(str(os.getpid()))
     setting = SETTINGS[job.setting]
     ranking = ensure_ranking(
         setting.image_size,
@@ -277,6 +299,7 @@ def run_job(job: Job) -> dict:
         "full_units": result.full_units,
         "channels": last["channels_selected"],
         "top_k": len(result.top_k) if result.top_k else None,
+        "shift_cost": result.shift_cost,
         "peak_rss_bytes": result.peak_rss_bytes,
         "cpu_s": time.process_time() - cpu,
         "wall_s": result.seconds,
@@ -284,7 +307,7 @@ def run_job(job: Job) -> dict:
     }
     job.result_path.parent.mkdir(parents=True, exist_ok=True)
     write_json(job.result_path, row, indent=1)
-    for heavy in ("checkpoints", "model.pt"):  # keep the logs, not the weights
+    for heavy in ("checkpoints", "model.pt", PID_FILE):  # keep the logs, not the weights
         target = job.run_dir / heavy
         shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
     return row

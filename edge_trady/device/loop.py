@@ -84,6 +84,13 @@ def train(
         sampler.load_state(state.sampler)
         log.truncate_to(state.epoch)
         progress.line(f"resuming at epoch {state.epoch + 1}, step {state.step_in_epoch}")
+    if sampler.needs_grad_norms:
+        if not hasattr(engine, "record_grad_norms"):
+            raise EdgeTradyError(
+                f"gradient-norm weighted sampling needs an engine that reports per-channel gradient norms "
+                f"(torch-masked, torch-sparse); {engine.name} does not"
+            )
+        engine.record_grad_norms = True
     with _stop_on_signals() as stop_requested:
         for epoch in range(state.epoch, config.epochs):
             selection = _epoch_selection(sampler, state, epoch, score_fn)
@@ -99,6 +106,8 @@ def train(
                 state.correct += correct
                 state.seen += len(y)
                 state.step_in_epoch = step + 1
+                if sampler.needs_grad_norms:
+                    state.grad_norm_sums = _add_norms(state.grad_norm_sums, engine.channel_grad_norms())
                 progress.step(f"epoch {epoch + 1}/{config.epochs}", step + 1, steps_per_epoch, loss)
                 every = config.checkpoint_every
                 if stop_requested() or (every and (step + 1) % every == 0 and step + 1 < steps_per_epoch):
@@ -106,6 +115,9 @@ def train(
                     save_checkpoint(run_dir, engine, state)
                     if stop_requested():
                         raise Stopped(f"stopped by signal; resume with --resume ({run_dir})")
+            if sampler.needs_grad_norms and state.grad_norm_sums:
+                means = {k: np.asarray(v) / max(1, state.step_in_epoch) for k, v in state.grad_norm_sums.items()}
+                sampler.observe(selection, means)  # before the checkpoint below records the sampler
             due = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
             val_loss, val_acc = evaluate(engine, val_data, config.batch_size) if val_data and due else (None, None)
             metrics = EpochMetrics(
@@ -132,6 +144,12 @@ def train(
             state = LoopState(epoch=epoch + 1, sampler=sampler.state())
             save_checkpoint(run_dir, engine, state)
     return read_jsonl(log.metrics_path)
+
+
+def _add_norms(sums: dict | None, norms: dict[str, np.ndarray]) -> dict[str, list[float]]:
+    """Running per-channel sums of a step's gradient norms (JSON-ready: they go into checkpoints)."""
+    sums = sums or {}
+    return {k: (np.asarray(sums[k]) + v if k in sums else v).tolist() for k, v in norms.items()}
 
 
 def fell_below(start_acc: float | None, val_acc: float | None) -> bool:

@@ -33,6 +33,7 @@ def channel_sampler(
     batch_size: int,
     seed: int,
     overflow: str,
+    weighting: str = "uniform",
 ) -> ChannelSampler:
     """The sampler of ``method`` over ``candidates``, each channel costed in the budget's unit."""
     by_name = {layer.name: layer for layer in candidates}
@@ -40,7 +41,7 @@ def channel_sampler(
     pool = [
         CandidateLayer(n, by_name[n].in_channels, channel_costs(by_name[n], budget.unit, batch_size)) for n in names
     ]
-    return ChannelSampler(method, pool, budget.amount, seed, overflow)
+    return ChannelSampler(method, pool, budget.amount, seed, overflow, weighting)
 
 
 def plan_sampler(plan: Plan) -> ChannelSampler:
