@@ -343,6 +343,209 @@ def mean_std(rows: dict[int, dict], key: str = "val_acc", scale: float = 100) ->
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+LABELS = {
+    "lite0-64": "EfficientNet-Lite0, 64 px (main setting)",
+    "lite0-32": "EfficientNet-Lite0, 32 px",
+    "lite1-64": "EfficientNet-Lite1, 64 px",
+}
+GENERATED_END = "<!-- end of generated part -->"
+
+
+def sweep_rows(setting: str) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((OUT / setting / "sweep").glob("*.json"))]
+
+
+def _p(value: float) -> str:
+    return "–" if math.isnan(value) else (f"{value:.3f}" if value >= 0.001 else "<0.001")
+
+
+def _delta(a: dict[int, dict], b: dict[int, dict] | None) -> str:
+    if not b:
+        return "–"
+    diff, p, n = paired(a, b)
+    return f"{diff:+.2f} (p {_p(p)}, n={n})"
+
+
+def setting_report(setting: Setting) -> tuple[list[str], dict]:
+    """Markdown lines for one setting and the cells (for targets and plots)."""
+    cells = finals(setting.name)
+    if not cells:
+        return [f"## {LABELS.get(setting.name, setting.name)}", "", "No final runs yet.", ""], cells
+    reference = cells.get(("classifier-only", "-"))
+    trady = cells.get(("trady", MAIN_BUDGET))
+    full_units = next(iter(next(iter(cells.values())).values()))["full_units"]
+    lines = [
+        f"## {LABELS.get(setting.name, setting.name)}",
+        "",
+        f"Test accuracy (%) after {EPOCHS} epochs, mean ± std over seeds; Δ = paired difference in points with the "
+        f"paired t-test's two-sided p. Full fine-tuning = {full_units:,} units. Peak = measured VmHWM of the "
+        "training process (fresh process; torch-sparse for budgeted methods and classifier-only, torch-masked for "
+        "`full`).",
+        "",
+        "| method | budget | lr | test acc | Δ vs classifier-only | Δ vs TraDy | units used | peak MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    order = list(METHODS)
+    for (method, budget), rows in sorted(
+        cells.items(), key=lambda kv: (order.index(kv[0][0]), _budget_value(kv[0][1]))
+    ):
+        mean, std = mean_std(rows)
+        first = next(iter(rows.values()))
+        units = statistics.mean(r["units_used"] + r.get("shift_cost", 0.0) for r in rows.values())
+        share = "–" if budget == "-" else f"{units:,.0f} ({100 * units / full_units:.2f} %)"
+        peak = statistics.mean(r["peak_rss_bytes"] for r in rows.values()) / 2**20
+        lines.append(
+            f"| {method} | {budget} | {first['lr']:g} | {mean:.2f} ± {std:.2f} (n={len(rows)}) | "
+            f"{_delta(rows, reference) if method != 'classifier-only' else '–'} | "
+            f"{_delta(rows, trady) if (method, budget) != ('trady', MAIN_BUDGET) else '–'} | {share} | {peak:.0f} |"
+        )
+    lines += ["", *sweep_table(setting), ""]
+    return lines, cells
+
+
+def _budget_value(budget: str) -> float:
+    return -1.0 if budget == "-" else float(budget.rstrip("%"))
+
+
+def sweep_table(setting: Setting) -> list[str]:
+    rows = sweep_rows(setting.lr_from or setting.name)
+    if not rows:
+        return []
+    if setting.lr_from:
+        return [f"Learning rates: chosen by the held-out sweep of `{setting.lr_from}`."]
+    lrs = sorted({r["lr"] for r in rows})
+    acc: dict[tuple[str, str], dict[float, float]] = {}
+    for r in rows:
+        acc.setdefault((r["method"], r["budget"]), {})[r["lr"]] = 100 * r["val_acc"]
+    lines = [
+        f"Held-out learning-rate sweep (seed {SWEEP_SEED}: {PER_CLASS - HELD_OUT} training / {HELD_OUT} held-out "
+        "images per class from the training split; accuracy %, best in bold):",
+        "",
+        "| method | budget | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+        "|---|---|" + "---|" * len(lrs),
+    ]
+    for (method, budget), by_lr in acc.items():
+        best = max(by_lr.values())
+        cells = [
+            "" if lr not in by_lr else (f"**{by_lr[lr]:.2f}**" if by_lr[lr] == best else f"{by_lr[lr]:.2f}")
+            for lr in lrs
+        ]
+        lines.append(f"| {method} | {budget} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def targets(cells: dict) -> list[str]:
+    """Issue 12's targets on the main setting, checked on the numbers."""
+    need = [("classifier-only", "-"), ("full", "-"), ("trady", MAIN_BUDGET)]
+    if any(k not in cells for k in need):
+        return ["Targets: not all runs are in yet."]
+    c, f, t = (mean_std(cells[k])[0] for k in need)
+    bar = c + 0.6 * (f - c)
+    lines = [
+        "Targets (main setting, TraDy at 2.5 %):",
+        "",
+        f"- TraDy >= classifier-only + 0.6 x (full - classifier-only) = {c:.2f} + 0.6 x {f - c:.2f} = {bar:.2f}: "
+        f"TraDy {t:.2f} -> **{'met' if t >= bar else 'missed'}**",
+    ]
+    for other in ("s-topk-random", "s-full-random", "d-full-random"):
+        if (other, MAIN_BUDGET) in cells:
+            diff, p, n = paired(cells[("trady", MAIN_BUDGET)], cells[(other, MAIN_BUDGET)])
+            lines.append(
+                f"- ahead of {other}: {diff:+.2f} points (p {_p(p)}, n={n}) -> **{'met' if diff > 0 else 'missed'}**"
+            )
+    diff, p, n = paired(cells[("trady", MAIN_BUDGET)], cells[("classifier-only", "-")])
+    verdict = "met" if diff > 0 and p < 0.05 else "missed"
+    lines.append(f"- significantly ahead of classifier-only: {diff:+.2f} points (p {_p(p)}, n={n}) -> **{verdict}**")
+    return lines
+
+
+def write_report(settings: list[Setting]) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    body = [
+        "# Reproduction: what accuracy the budget buys (EfficientNet-Lite -> Fashion-MNIST)",
+        "",
+        "Commands (each run is a fresh one-thread process; finished runs are skipped, so the same command",
+        "continues an interrupted campaign):",
+        "",
+        "```sh",
+        "nice -n 10 python bench/reproduce.py --jobs 2    # sweeps, final runs, then this page and the plots",
+        "python bench/reproduce.py --report-only          # only this page and the plots",
+        "```",
+        "",
+        f"Protocol: Fashion-MNIST from the Debian package, {PER_CLASS} training and {PER_CLASS} test images per class "
+        f"(seeded subsets of the train and t10k splits), batch {BATCH}, {EPOCHS} epochs, plain SGD, linear warm-up "
+        f"(2 epochs) then cosine decay. Each method's learning rate is chosen on held-out training data: seed "
+        f"{SWEEP_SEED}'s {PER_CLASS} training images per class split {PER_CLASS - HELD_OUT} / {HELD_OUT}, lrs "
+        f"{', '.join(f'{lr:g}' for lr in FIRST_LRS)} first, extended along {', '.join(f'{lr:g}' for lr in LR_GRID)} "
+        "while the best is at an edge (ties: the smaller lr). Variants of TraDy (`trady+...`) use TraDy's lr. Final "
+        f"runs: seeds {', '.join(map(str, SEEDS))} at the chosen lr (a seed fixes the subsets, the new head's init and "
+        "the data order, shared by all methods: comparisons are paired). Raw per-run JSON: "
+        "`bench/results/reproduce/<setting>/{sweep,final}/`; flat table `bench/results/reproduce.csv`; plot "
+        "`bench/results/reproduce.png` (accuracy against measured peak memory).",
+        "",
+    ]
+    main_cells: dict = {}
+    for setting in settings:
+        lines, cells = setting_report(setting)
+        body += lines
+        if setting.name == "lite0-64":
+            main_cells = cells
+            body += [*targets(cells), ""]
+    body.append(GENERATED_END)
+    report = ROOT / "docs" / "reproduction.md"
+    old = report.read_text() if report.exists() else ""
+    tail = old.split(GENERATED_END, 1)[1] if GENERATED_END in old else "\n"
+    report.write_text("\n".join(body) + tail)
+    write_csv(settings)
+    if main_cells:
+        plot_memory(main_cells, RESULTS / "reproduce.png")
+
+
+def write_csv(settings: list[Setting]) -> None:
+    import csv
+
+    fields = ["setting", "phase", "method", "budget", "lr", "seed", "val_acc", "initial_val_acc", "train_loss",
+              "units_used", "shift_cost", "budget_units", "full_units", "channels", "top_k", "peak_rss_bytes",
+              "cpu_s", "wall_s"]  # fmt: skip
+    rows = []
+    for setting in settings:
+        rows += sweep_rows(setting.name)
+        rows += [r for cell in finals(setting.name).values() for r in cell.values()]
+    with (RESULTS / "reproduce.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def plot_memory(cells: dict, path: Path) -> None:
+    """Test accuracy against the measured peak memory of each method (main setting)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    curve = sorted((k for k in cells if k[0] == "trady"), key=lambda k: _budget_value(k[1]))
+    if len(curve) > 1:
+        xs = [statistics.mean(r["peak_rss_bytes"] for r in cells[k].values()) / 2**20 for k in curve]
+        ax.plot(xs, [mean_std(cells[k])[0] for k in curve], "-", color="#4c72b0", alpha=0.5, zorder=1)
+    markers = {"classifier-only": "s", "full": "D", "full-frozen-bn": "d"}
+    for (method, budget), rows in sorted(cells.items()):
+        mean, std = mean_std(rows)
+        peak = statistics.mean(r["peak_rss_bytes"] for r in rows.values()) / 2**20
+        label = method if budget == "-" else f"{method} {budget}"
+        color = "#4c72b0" if method == "trady" else None
+        ax.errorbar(peak, mean, yerr=std, fmt=markers.get(method, "o"), capsize=3, label=label, color=color)
+    ax.set_xlabel("measured peak memory of the training process (VmHWM, MiB)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"EfficientNet-Lite0 -> Fashion-MNIST, 64 px, {EPOCHS} epochs, {len(SEEDS)} seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
@@ -361,6 +564,7 @@ def main() -> None:
         return
     if not args.report_only:
         drive(settings, args.jobs)
+    write_report([SETTINGS[name] for name in SETTINGS])
 
 
 if __name__ == "__main__":
