@@ -25,8 +25,10 @@ from onnx import numpy_helper
 
 from edge_trady.cli import cli
 from edge_trady.core.masks import channel_mask
+from edge_trady.device.data import MINUS_ONE_TO_ONE, load_dataset
 from edge_trady.device.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest
 from edge_trady.device.runlog import read_jsonl
+from edge_trady.device.runner import RunRequest, load_data
 from edge_trady.engines.ort_training import OrtEngine
 from edge_trady.errors import ArtifactError
 from edge_trady.workstation.cost_trace import trace_layers
@@ -205,6 +207,31 @@ def test_evaluate_reports_the_runs_last_val_accuracy(trained: Path, device) -> N
     correct, total = map(int, re.search(r"accuracy \S+ \((\d+)/(\d+)\) loss", done.stdout).groups())
     assert correct / total == read_jsonl(trained / "metrics.jsonl")[-1]["val_acc"]
     assert len(done.stdout.splitlines()) == 1 + 4  # and one line per class
+
+
+def test_evaluate_scores_a_whole_test_file_unless_a_split_is_asked(
+    trained: Path, artifact: Path, device, tmp_path: Path
+) -> None:
+    test_file = tmp_path / "test.npz"
+    images = load_dataset("synthetic:4", "all", 32, MINUS_ONE_TO_ONE, seed=9)  # 2 x 32 per class
+    np.savez(test_file, x=images.pixels, y=images.labels, class_names=images.class_names)
+    model = str(trained / "model.onnx")
+    counts = {}
+    for split in ([], ["--split", "val"], ["--split", "train"], ["--split", "all"]):
+        done = device("evaluate", model, "--data", str(test_file), *split)
+        assert done.returncode == 0, done.stderr
+        total, scored, source = re.search(r"\(\d+/(\d+)\) loss \S+ on (\d+) images of (.*)$", done.stdout).groups()
+        assert total == scored
+        counts[tuple(split)] = int(scored), source
+    assert counts[()] == counts[("--split", "all")] == (256, f"{test_file} (all)")
+    assert counts[("--split", "val")] == (52, f"{test_file} (val, 0.2 holdout, seed 0)")
+    assert counts[("--split", "train")][0] == 256 - 52
+    # --val of run: the same rule (a separate file is validation data whole; the training data's holdout else)
+    manifest = Manifest.load(artifact)
+    _, val = load_data(manifest, RunRequest(artifact, "synthetic:4", tmp_path / "run", val=str(test_file)))
+    assert len(val) == 256 and val.source == f"{test_file} (all)"
+    _, val = load_data(manifest, RunRequest(artifact, str(test_file), tmp_path / "run"))
+    assert len(val) == 52
 
 
 def test_unselected_channels_and_frozen_weights_stay_bit_identical(artifact: Path, trained: Path) -> None:

@@ -91,6 +91,7 @@ def train(
                 f"(torch-masked, torch-sparse); {engine.name} does not"
             )
         engine.record_grad_norms = True
+    progress.start(config.epochs, steps_per_epoch, len(train_data), state.epoch, state.step_in_epoch, state.seen)
     with _stop_on_signals() as stop_requested:
         for epoch in range(state.epoch, config.epochs):
             selection = _epoch_selection(sampler, state, epoch, score_fn)
@@ -108,7 +109,7 @@ def train(
                 state.step_in_epoch = step + 1
                 if sampler.needs_grad_norms:
                     state.grad_norm_sums = _add_norms(state.grad_norm_sums, engine.channel_grad_norms())
-                progress.step(f"epoch {epoch + 1}/{config.epochs}", step + 1, steps_per_epoch, loss)
+                progress.step(epoch, step + 1, state.seen, loss)
                 every = config.checkpoint_every
                 if stop_requested() or (every and (step + 1) % every == 0 and step + 1 < steps_per_epoch):
                     state.elapsed_s = time.monotonic() - started
