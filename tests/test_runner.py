@@ -234,6 +234,16 @@ def test_evaluate_scores_a_whole_test_file_unless_a_split_is_asked(
     assert len(val) == 52
 
 
+def test_report_of_a_device_run_knows_its_predicted_peak(trained: Path, artifact: Path, device) -> None:
+    done = device("report", str(trained), "--plan", str(artifact))
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((trained / "summary.json").read_text())
+    predicted = summary["predicted_peak_bytes"] / 2**20
+    assert done.stdout.startswith(f"{trained}: {summary['model']}, edge-trady run, engine ort, method trady\n")
+    assert f"(predicted {predicted:.1f} MiB, " in done.stdout and (trained / "report.png").is_file()
+    assert "of 20 layers trained at least once" in done.stdout  # the plan's 20 candidates
+
+
 def test_unselected_channels_and_frozen_weights_stay_bit_identical(artifact: Path, trained: Path) -> None:
     initial = OrtEngine(artifact)
     layout = initial.layout
@@ -353,6 +363,8 @@ def test_sigterm_checkpoints_and_stops_then_resume_finishes(
     resumed = device(*args, "--resume", "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_run(trained, out)
+    report = device("report", str(out))  # a resumed run folder reports like any other
+    assert report.returncode == 0 and "  epochs     3 epoch(s)" in report.stdout, report.stderr
 
 
 def _edit_manifest(artifact: Path, edit: Callable[[dict], None]) -> None:

@@ -206,7 +206,7 @@ def make_engine(prep: Prepared, spec: FinetuneSpec, out_dir: Path, trainable: li
         raise EdgeTradyError("training BatchNorm shifts needs --engine torch-masked or torch-sparse")
     if spec.engine == "ort":
         from ..engines.ort_training import OrtEngine
-        from .export_ort_training import export_training_artifact
+        from .export.ort_training import export_training_artifact
 
         artifact = out_dir / "artifact"
         artifact.mkdir(parents=True, exist_ok=True)
