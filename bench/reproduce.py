@@ -370,7 +370,14 @@ def setting_report(setting: Setting) -> tuple[list[str], dict]:
     """Markdown lines for one setting and the cells (for targets and plots)."""
     cells = finals(setting.name)
     if not cells:
-        return [f"## {LABELS.get(setting.name, setting.name)}", "", "No final runs yet.", ""], cells
+        return [
+            f"## {LABELS.get(setting.name, setting.name)}",
+            "",
+            "No final runs yet.",
+            "",
+            *sweep_table(setting),
+            "",
+        ], cells
     reference = cells.get(("classifier-only", "-"))
     trady = cells.get(("trady", MAIN_BUDGET))
     full_units = next(iter(next(iter(cells.values())).values()))["full_units"]
