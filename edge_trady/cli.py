@@ -20,13 +20,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("demo", "Run the end-to-end demo on an embedded default (a few minutes on 2 cores)."),
     "inspect": ("inspect", "Print the per-layer cost table of a model."),
     "rank": ("rank", "Rank layers by reweighted gradient norm (RGN) and write ranking.json."),
-    "finetune": ("finetune", "Fine-tune a model under a channel budget (PyTorch or ORT engine)."),
+    "finetune": ("finetune", "Fine-tune a model under a channel budget (PyTorch, ORT or portable engine)."),
     "profile": ("profile", "Measure this device's memory, CPU and runtime baseline (no torch)."),
     "plan": ("plan", "Pick layers and the largest channel budget that fit a device profile."),
-    "export": ("export", "Export a plan as an ONNX Runtime training artifact."),
+    "export": ("export", "Export a plan as a training artifact (portable ONNX, or ORT training)."),
     "run": ("run", "Fine-tune on the device from a training artifact (no torch)."),
     "evaluate": ("evaluate", "Report the accuracy of an inference ONNX model on a data set."),
     "report": ("report", "Summarise a run folder and draw it (accuracy, memory, budget, channels per layer)."),
+    "health": ("health", "Exit 0 if a run is making progress (its heartbeat is recent), 1 if not."),
 }
 
 
