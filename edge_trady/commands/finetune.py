@@ -82,6 +82,10 @@ def command(
         fields["data"] = options["data"]
         progress.predicted_peak_bytes = plan.estimate.peak_bytes
     result = run_finetune(FinetuneSpec(**fields), Path(out_dir), progress, resume, overwrite)
+    if result is not None and result.accuracy_fell:
+        from ..device.loop import accuracy_fell_message
+
+        click.echo(f"warning: {accuracy_fell_message(result.initial_val_acc, result.final_val_acc)}", err=True)
     if result is not None and not quiet:
         before, acc = (f"{a:.4f}" if a is not None else "n/a" for a in (result.initial_val_acc, result.final_val_acc))
         click.echo(

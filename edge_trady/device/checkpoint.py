@@ -54,7 +54,8 @@ class LoopState:
     seen: int = 0
     elapsed_s: float = 0.0
     selection: dict | None = None  # the current epoch's selection (mid-epoch resume)
-    sampler: dict | None = None  # static methods: their fixed selection
+    sampler: dict | None = None  # ChannelSampler.state(): a static selection, gradient-norm history
+    grad_norm_sums: dict | None = None  # gradnorm weighting: this epoch's per-channel norm sums so far
     initial_val_loss: float | None = None  # before any training (evaluated once, at the start)
     initial_val_acc: float | None = None
 
@@ -212,6 +213,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "elapsed_s": (int, float),
     "selection": (dict, type(None)),
     "sampler": (dict, type(None)),
+    "grad_norm_sums": (dict, type(None)),
     "initial_val_loss": (int, float, type(None)),
     "initial_val_acc": (int, float, type(None)),
 }

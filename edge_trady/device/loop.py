@@ -47,11 +47,15 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0  # also checkpoint every N steps (0: only at epoch ends)
     budget_unit: str = "units"  # unit of the sampler's budget and costs: "units" or "bytes"
+    eval_every: int = 1  # validate every N epochs (and always after the last)
     heartbeat_every: int = 10  # heartbeat.json every N steps (0: at epoch ends only)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise EdgeTradyError(f"epochs ({self.epochs}) and batch size ({self.batch_size}) must be >= 1")
+        if self.epochs < 1 or self.batch_size < 1 or self.eval_every < 1:
+            raise EdgeTradyError(
+                f"epochs ({self.epochs}), batch size ({self.batch_size}) and eval interval ({self.eval_every}) "
+                "must be >= 1"
+            )
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise EdgeTradyError(f"the learning rate must be a finite number > 0, got {self.lr!r}")
         if self.seed < 0 or (self.warmup_epochs is not None and self.warmup_epochs < 0):
@@ -100,6 +104,7 @@ def run_origin(
         "budget": sampler.budget,
         "budget_unit": config.budget_unit,
         "overflow": sampler.overflow,
+        "weighting": sampler.weighting,
         "candidate_layers": f"{len(sampler.layers)} layers, sha256 {hashlib.sha256(layers).hexdigest()[:16]}",
         "seed": config.seed,
         "batch_size": config.batch_size,
@@ -126,7 +131,8 @@ def train(
 
     ``origin``: what identifies the run besides the loop's own settings (artifact hash, model);
     a checkpoint whose origin differs is refused. A non-finite loss or weight raises Diverged
-    before anything non-finite is saved."""
+    before anything non-finite is saved. An epoch that ends below the validation accuracy before
+    training is flagged in the progress."""
     steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
     schedule = make_schedule(config.lr, config.epochs, steps_per_epoch, config.warmup_epochs)
     origin = {
@@ -153,6 +159,13 @@ def train(
         _require_finite_weights(engine, run_dir, where)
         save_checkpoint(run_dir, engine, state, origin)
 
+    if sampler.needs_grad_norms:
+        if not hasattr(engine, "record_grad_norms"):
+            raise EdgeTradyError(
+                f"gradient-norm weighted sampling needs an engine that reports per-channel gradient norms "
+                f"(torch-masked, torch-sparse); {engine.name} does not"
+            )
+        engine.record_grad_norms = True
     progress.start(config.epochs, steps_per_epoch, len(train_data), state.epoch, state.step_in_epoch, state.seen)
     heartbeat = Heartbeat(run_dir, config.heartbeat_every, config.epochs, steps_per_epoch)
     if state.epoch < config.epochs:  # a finished run's folder is left as it is
@@ -175,6 +188,8 @@ def train(
                 state.correct += correct
                 state.seen += len(y)
                 state.step_in_epoch = step + 1
+                if sampler.needs_grad_norms:
+                    state.grad_norm_sums = _add_norms(state.grad_norm_sums, engine.channel_grad_norms())
                 progress.step(epoch, step + 1, state.seen, loss)
                 heartbeat.step(epoch, step + 1)
                 every = config.checkpoint_every
@@ -183,7 +198,11 @@ def train(
                     checkpoint(f"{where}, step {step + 1}")
                     if stop_requested():
                         raise Stopped(f"stopped by signal; resume with --resume ({run_dir})")
-            val_loss, val_acc = evaluate(engine, val_data, config.batch_size) if val_data else (None, None)
+            if sampler.needs_grad_norms and state.grad_norm_sums:
+                means = {k: np.asarray(v) / max(1, state.step_in_epoch) for k, v in state.grad_norm_sums.items()}
+                sampler.observe(selection, means)  # before the checkpoint below records the sampler
+            due = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
+            val_loss, val_acc = evaluate(engine, val_data, config.batch_size) if val_data and due else (None, None)
             if val_loss is not None and not math.isfinite(val_loss):
                 raise _diverged(run_dir, f"{where}: validation loss {val_loss}")
             metrics = EpochMetrics(
@@ -206,6 +225,8 @@ def train(
             _require_finite_weights(engine, run_dir, where)
             log.write(metrics, selection)  # fsynced: never behind the checkpoint that follows
             progress.line(_summary(metrics, config.epochs))
+            if fell_below(initial[1], val_acc):
+                progress.line(f"warning: {accuracy_fell_message(initial[1], val_acc)}")
             state = LoopState(epoch + 1, sampler=sampler.state())
             state.initial_val_loss, state.initial_val_acc = initial
             save_checkpoint(run_dir, engine, state, origin)
@@ -240,9 +261,14 @@ def _state_check(
         logged = log.epochs_logged()
         if logged < state.epoch:
             problems.append(f"{log.metrics_path.name} holds {logged} epochs, the checkpoint is at epoch {state.epoch}")
-        for what, data in (("selection", state.selection), ("sampler", state.sampler)):
+        static = state.sampler.get("static") if isinstance(state.sampler, dict) else None
+        for what, data in (("selection", state.selection), ("sampler", static)):
             if data is not None and (problem := _selection_problem(data, sampler)):
                 problems.append(f"{what}: {problem}")
+        if state.sampler is not None and (problem := _sampler_problem(state.sampler, sampler)):
+            problems.append(f"sampler: {problem}")
+        if state.grad_norm_sums is not None and (problem := _norm_sums_problem(state.grad_norm_sums, state.selection)):
+            problems.append(f"grad_norm_sums: {problem}")
         if problems:
             raise CorruptCheckpoint(f"checkpoint state out of range for this run: {'; '.join(problems)}")
 
@@ -269,6 +295,38 @@ def _selection_problem(data: dict, sampler: ChannelSampler) -> str | None:
     return None
 
 
+def _sampler_problem(data: dict, sampler: ChannelSampler) -> str | None:
+    """What is wrong with a sampler state (``ChannelSampler.state``) read from a checkpoint."""
+    if not set(data) <= {"static", "grad_norms"}:
+        return f"unknown sections {sorted(set(data) - {'static', 'grad_norms'})}"
+    norms = data.get("grad_norms")
+    pooled = sum(layer.channels for layer in sampler.layers)
+    if norms is not None and not (isinstance(norms, list) and len(norms) == pooled and all(map(_norm, norms))):
+        return f"grad_norms must be {pooled} finite numbers >= 0 (or null)"
+    return None
+
+
+def _norm_sums_problem(data: dict, selection: dict | None) -> str | None:
+    """What is wrong with an epoch's running gradient-norm sums (one per selected channel of each
+    layer of the epoch's selection) read from a checkpoint."""
+    channels = selection.get("channels") if isinstance(selection, dict) else None
+    if not isinstance(channels, dict):
+        return "no selection to go with them"
+    for name, sums in data.items():
+        if not isinstance(sums, list) or not isinstance(channels.get(name), list) or len(sums) != len(channels[name]):
+            return f"layer {name!r}: expected one sum per selected channel"
+        if not all(v is not None and _norm(v) for v in sums):
+            return f"layer {name!r}: sums must be finite numbers >= 0"
+    return None
+
+
+def _norm(value: object) -> bool:
+    """A gradient norm as a checkpoint holds it: None (never seen) or a finite number >= 0."""
+    if value is None:
+        return True
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
 def _require_finite_weights(engine: Engine, run_dir: Path, where: str) -> None:
     if not engine.weights_finite():
         raise _diverged(run_dir, f"{where}: non-finite weights")
@@ -280,6 +338,24 @@ def _diverged(run_dir: Path, what: str) -> Diverged:
     return Diverged(
         f"training diverged at {what}; nothing non-finite was saved ({kept}); "
         "lower the learning rate (plan --lr, finetune --lr) and start again"
+    )
+
+
+def _add_norms(sums: dict | None, norms: dict[str, np.ndarray]) -> dict[str, list[float]]:
+    """Running per-channel sums of a step's gradient norms (JSON-ready: they go into checkpoints)."""
+    sums = sums or {}
+    return {k: (np.asarray(sums[k]) + v if k in sums else v).tolist() for k, v in norms.items()}
+
+
+def fell_below(start_acc: float | None, val_acc: float | None) -> bool:
+    """True when a validation accuracy ended below the accuracy before training."""
+    return start_acc is not None and val_acc is not None and val_acc < start_acc
+
+
+def accuracy_fell_message(start_acc: float, val_acc: float) -> str:
+    return (
+        f"validation accuracy fell below its starting point ({start_acc:.4f} -> {val_acc:.4f}): training "
+        "made the model worse; try a lower learning rate (--lr) or a smaller budget"
     )
 
 
