@@ -124,7 +124,7 @@ def test_run_outputs_then_resume(small_artifact, uninterrupted: Path, tmp_path: 
     _killed_while_writing(tmp_path, target, "run", artifact, *RUN, "--out", out)
     assert not (out / "done.json").exists() or target != "done.json"
     if target.startswith("epoch"):
-        assert [p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")] == [
+        assert sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")) == [
             "LATEST",
             "epoch0001-step000000",
         ]
