@@ -25,6 +25,13 @@ def trace_layers(model: nn.Module, image_size: int) -> list[LayerCost]:
         order.append(name)
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    _probe_forward(model, handles, image_size)
+    return [seen[name] for name in order]
+
+
+def _probe_forward(model: nn.Module, handles: list, image_size: int) -> None:
+    """One eval-mode forward of a ``[1, 3, S, S]`` zero image; then ``handles`` are removed and
+    the model's train/eval mode is restored."""
     was_training = model.training
     try:
         model.eval()
@@ -34,7 +41,6 @@ def trace_layers(model: nn.Module, image_size: int) -> list[LayerCost]:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return [seen[name] for name in order]
 
 
 def _layer_cost(name: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> LayerCost:
@@ -81,13 +87,5 @@ def following_batchnorms(model: nn.Module, image_size: int) -> dict[str, str]:
         for m in model.modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm)
     ]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, 3, image_size, image_size))
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    _probe_forward(model, handles, image_size)
     return pairs
