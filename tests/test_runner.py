@@ -517,7 +517,8 @@ def test_too_old_onnxruntime_is_one_clear_line(artifact: Path, fmt: str, tmp_pat
     if fmt != "onnx":
         pytest.skip("the ort-training format needs onnxruntime-training 1.19.2")
     script = (
-        "import sys, onnxruntime; onnxruntime.__version__ = '1.16.3'; from edge_trady.cli import main; "
+        "import sys; from edge_trady.engines.ort_runtime import ort_bindings; ort_bindings(); "  # no torch import
+        "import onnxruntime; onnxruntime.__version__ = '1.16.3'; from edge_trady.cli import main; "
         f"sys.argv = ['edge-trady', 'run', {str(artifact)!r}, '--train', 'synthetic:4', '--per-class', '4', "
         f"'--out', {str(tmp_path / 'out')!r}]; main()"
     )

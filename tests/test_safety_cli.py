@@ -160,7 +160,7 @@ def test_model_code_runs_only_when_trusted(plan: Path, tmp_path: Path) -> None:
         ("export", evil_plan, "-o", tmp_path / "artifact"),
         ("finetune", "--plan", evil_plan, "--data", "synthetic:4", "--out", tmp_path / "ft"),
         ("inspect", "--model", ref),
-        ("plan", "--model", ref, "--profile", "this-workstation", "--num-classes", "4", "--method", "full"),
+        ("plan", "--model", ref, "--profile", "this-workstation", "--num-classes", "4", "--method", "full-frozen-bn"),
     ):
         code, _, err = edge_trady(*args)
         assert code == 2 and "pass --trust-model-code if you trust it" in one_error_line(err), args

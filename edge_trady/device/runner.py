@@ -203,7 +203,6 @@ def load_data(manifest: Manifest, request: RunRequest) -> tuple[Dataset, Dataset
 def open_engine(manifest: Manifest, artifact: Path):
     """The engine of the artifact's format (it loads onnxruntime: only when a run really starts),
     checked against the plan the manifest carries."""
-    check_selection_inputs(manifest, artifact)
     if manifest.format == "onnx":
         from ..engines.portable import PortableEngine
 
@@ -217,6 +216,7 @@ def open_engine(manifest: Manifest, artifact: Path):
             raise ArtifactError(
                 f"{artifact}: the plan in its manifest does not match its graph (layer {layer.name!r}): export it again"
             )
+    check_selection_inputs(manifest, artifact)
     return engine
 
 
