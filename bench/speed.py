@@ -21,7 +21,7 @@ peak minus its runtime's inference-only peak.
 Speed: a worker process per engine (one thread: ``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``,
 ORT ``intra_op_num_threads=1``) runs the engine on the same batches with the plan's epoch-0
 selection: warm-up + timed training steps. Images/s = batch / median ``time.process_time()`` per step
-(CPU time: the machine is shared, wall time is not a measure of the engines; shown for reference).
+(CPU time: the machine is shared, so wall time is not a measure of the engines).
 The workers also give the training-phase peak (VmHWM reset by ``/proc/self/clear_refs`` after set-up).
 
     python bench/speed.py
@@ -45,11 +45,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import MODEL, RESULTS, ROOT, SETUPS, device_python, reset_peak_rss, train_fresh
+from benchlib import MODEL, RESULTS, ROOT, SETUPS, device_python, make_plan, reset_peak_rss, train_fresh
 
 DOC = ROOT / "docs" / "speed.md"
 MiB = 2**20
 MARKER = "<!-- discussion -->"
+RAW = RESULTS / "speed-raw.json"  # every measurement, saved as it is made (--resume)
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 RUNTIMES = {  # engine -> the runtime whose inference-only peak it is compared with
     "portable": "onnxruntime",
@@ -64,7 +65,7 @@ def worker(cfg: dict) -> dict:
     """One engine (or, for ``infer:RUNTIME``, inference only) in this fresh process."""
     from edge_trady.core.plan import Plan
     from edge_trady.device.data import Normalization, epoch_order, load_dataset, validation_source
-    from edge_trady.device.memwatch import current_rss_bytes, peak_rss_bytes
+    from edge_trady.device.memwatch import peak_rss_bytes
     from edge_trady.device.runner import plan_sampler
 
     plan = Plan.load(Path(cfg["plan"]))
@@ -77,23 +78,20 @@ def worker(cfg: dict) -> dict:
     name = cfg["engine"]
     step = _predictor(name, cfg) if name.startswith("infer:") else _trainer(name, cfg, plan, plan_sampler(plan))
     step(*batches[0])
-    setup_peak, setup_rss = peak_rss_bytes(), current_rss_bytes()
+    setup_peak = peak_rss_bytes()
     reset = reset_peak_rss()
-    cpu, wall = [], []
+    cpu = []
     for index in range(cfg["warmup"] + cfg["steps"]):
         x, y = batches[index % len(batches)]
-        started_cpu, started_wall = time.process_time(), time.perf_counter()
+        started = time.process_time()
         step(x, y)
         if index >= cfg["warmup"]:
-            cpu.append(time.process_time() - started_cpu)
-            wall.append(time.perf_counter() - started_wall)
+            cpu.append(time.process_time() - started)
     phase_peak = peak_rss_bytes()
     return {
-        "setup_rss": setup_rss,
         "phase_peak": phase_peak,
         "process_peak": max(setup_peak, phase_peak) if reset else phase_peak,
         "cpu_step_s": statistics.median(cpu),
-        "wall_step_s": statistics.median(wall),
         "torch_loaded": "torch" in sys.modules,
     }
 
@@ -169,71 +167,104 @@ def run_worker(cfg: dict, device: bool) -> dict:
     return json.loads(line[len("RESULT ") :])
 
 
-def measure(args: argparse.Namespace, directory: Path) -> tuple[list[dict], list[dict]]:
-    """The engines' rows and the runtimes' inference-only rows."""
-    runs = {}
+def measure(args: argparse.Namespace, directory: Path, raw: dict) -> tuple[list[dict], list[dict]]:
+    """The engines' rows and the runtimes' inference-only rows. ``raw`` holds every measurement as
+    it is made (saved to RAW after each one); with ``--resume`` the ones already in it are kept."""
+    plans = {}
     for engine in args.engines:  # the real commands: whole-process peaks, the fine-tuned models
-        runs[engine] = train_fresh(
-            engine, args.image_size, args.batch_size, args.budget, args.per_class, args.profile, directory / engine
-        )
-        print(f"{engine:13} whole-process peak {runs[engine]['measured_bytes'] / MiB:.1f} MiB", flush=True)
+        here = directory / engine
+        if engine in raw["runs"]:  # measured before: only the plan (the current model's prediction)
+            make_plan(
+                engine, args.image_size, args.batch_size, args.budget, args.per_class, args.profile, here / "plan.json"
+            )
+        else:
+            done = train_fresh(
+                engine, args.image_size, args.batch_size, args.budget, args.per_class, args.profile, here
+            )
+            raw["runs"][engine] = {"measured_bytes": done["measured_bytes"]}
+            _save_raw(raw)
+        plans[engine] = here / "plan.json"
+        print(f"{engine:13} whole-process peak {raw['runs'][engine]['measured_bytes'] / MiB:.1f} MiB", flush=True)
     base = {"per_class": args.per_class, "warmup": args.warmup, "steps": args.steps}
     inference = {}  # runtime -> the config of its inference-only worker
     for engine in args.engines:
         runtime = RUNTIMES[engine]
         if runtime not in inference:
-            model = runs[engine]["run"] / "model.onnx"
-            cfg = {**base, "engine": f"infer:{runtime}", "plan": str(runs[engine]["plan"]), "model": str(model)}
+            model = directory / engine / "run" / "model.onnx"
+            cfg = {**base, "engine": f"infer:{runtime}", "plan": str(plans[engine]), "model": str(model)}
             inference[runtime] = (cfg, SETUPS[engine].device)
-    trained: dict[str, list[dict]] = {engine: [] for engine in args.engines}
-    inferred: dict[str, list[dict]] = {runtime: [] for runtime in inference}
-    for _ in range(args.repeats):  # interleaved: load changes hit every engine alike
+    for repeat in range(args.repeats):  # interleaved: load changes hit every engine alike
         for engine in args.engines:
-            run = runs[engine]
-            cfg = {**base, "engine": engine, "plan": str(run["plan"]), "artifact": str(run["artifact"] or "")}
-            trained[engine].append(run_worker(cfg, SETUPS[engine].device))
-            r = trained[engine][-1]
+            done = raw["trained"].setdefault(engine, [])
+            if len(done) <= repeat:
+                artifact = directory / engine / "artifact"
+                cfg = {**base, "engine": engine, "plan": str(plans[engine]), "artifact": str(artifact)}
+                done.append(run_worker(cfg, SETUPS[engine].device))
+                _save_raw(raw)
+            r = done[repeat]
             print(f"{engine:13} CPU {r['cpu_step_s']:.3f} s/step, training-phase peak {r['phase_peak'] / MiB:.1f} MiB")
         for runtime, (cfg, device) in inference.items():
-            inferred[runtime].append(run_worker(cfg, device))
-            r = inferred[runtime][-1]
+            done = raw["inferred"].setdefault(runtime, [])
+            if len(done) <= repeat:
+                done.append(run_worker(cfg, device))
+                _save_raw(raw)
+            r = done[repeat]
             print(f"{'infer ' + runtime:13} CPU {r['cpu_step_s']:.3f} s/batch, peak {r['process_peak'] / MiB:.1f} MiB")
-    infer_rows = {runtime: summarize(results, args.batch_size) for runtime, results in inferred.items()}
+    infer_rows = {runtime: summarize(raw["inferred"][runtime], args.batch_size) for runtime in inference}
     rows = []
     for engine in args.engines:
-        row = summarize(trained[engine], args.batch_size)
+        row = summarize(raw["trained"][engine], args.batch_size)
         ref = infer_rows[RUNTIMES[engine]]
-        peak = runs[engine]["measured_bytes"] / MiB
+        peak = raw["runs"][engine]["measured_bytes"] / MiB
+        layers, channels = _selection_size(plans[engine])
         rows.append(
             {
                 "engine": engine,
                 "runtime": RUNTIMES[engine],
-                "layers": trained[engine][0]["layers"],
-                "channels": trained[engine][0]["channels"],
+                "layers": layers,
+                "channels": channels,
                 "process_peak_mib": peak,
-                "predicted_peak_mib": runs[engine]["predicted"]["peak_bytes"] / MiB,
-                "inference_peak_mib": ref["process_peak_mib"],
-                "overhead_mib": peak - ref["process_peak_mib"],
-                "phase_overhead_mib": row["phase_peak_mib"] - ref["phase_peak_mib"],
+                "predicted_peak_mib": json.loads(plans[engine].read_text())["memory"]["peak_bytes"] / MiB,
+                "inference_peak_mib": ref["worker_peak_mib"],
+                "overhead_mib": peak - ref["worker_peak_mib"],
                 **row,
+                "torch_loaded": SETUPS[engine].runner == "finetune",
             }
         )
     return rows, [{"runtime": runtime, **row} for runtime, row in infer_rows.items()]
 
 
+def _selection_size(plan_path: Path) -> tuple[int, int]:
+    """Trained layers and channels of the plan's epoch-0 selection (what the workers train)."""
+    from edge_trady.core.plan import Plan
+    from edge_trady.device.runner import plan_sampler
+
+    selection = plan_sampler(Plan.load(plan_path)).select(0)
+    return len(selection.channels), selection.channel_count
+
+
+def _save_raw(raw: dict) -> None:
+    from edge_trady.core.atomic import write_json
+
+    write_json(RAW, raw)
+
+
 def summarize(results: list[dict], batch: int) -> dict:
+    """Median CPU time per step (images/s from it) and the highest peaks over the worker processes."""
     cpu = statistics.median(r["cpu_step_s"] for r in results)
-    wall = statistics.median(r["wall_step_s"] for r in results)
     return {
         "cpu_step_s": cpu,
         "images_per_s_cpu": batch / cpu,
-        "images_per_s_wall": batch / wall,
-        "phase_peak_mib": max(r["phase_peak"] for r in results) / MiB,
-        "worker_peak_mib": max(r["process_peak"] for r in results) / MiB,
-        "setup_rss_mib": statistics.median(r["setup_rss"] for r in results) / MiB,
-        "torch_loaded": results[0]["torch_loaded"],
+        "phase_peak_mib": _highest(results, "phase_peak"),
+        "worker_peak_mib": _highest(results, "process_peak"),
         "processes": len(results),
     }
+
+
+def _highest(results: list[dict], key: str) -> float | None:
+    """The largest ``key`` over the worker results in MiB (None: not recorded)."""
+    values = [r[key] for r in results if r.get(key) is not None]
+    return max(values) / MiB if values else None
 
 
 def targets(rows: list[dict]) -> list[dict]:
@@ -257,14 +288,14 @@ def table(rows: list[dict]) -> str:
     lines = [
         "| engine | runtime | trained layers / channels | whole-process peak MiB | predicted MiB "
         "| inference-only peak MiB | training overhead MiB | CPU s/step | images/s (CPU time) "
-        "| images/s (wall) | training-phase peak MiB | torch loaded |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| training-phase peak MiB | torch loaded |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['engine']} | {r['runtime']} | {r['layers']} / {r['channels']} | **{r['process_peak_mib']:.1f}** | "
             f"{r['predicted_peak_mib']:.1f} | {r['inference_peak_mib']:.1f} | {r['overhead_mib']:.1f} | "
-            f"{r['cpu_step_s']:.3f} | **{r['images_per_s_cpu']:.1f}** | {r['images_per_s_wall']:.1f} | "
+            f"{r['cpu_step_s']:.3f} | **{r['images_per_s_cpu']:.1f}** | "
             f"{r['phase_peak_mib']:.1f} | {'yes' if r['torch_loaded'] else 'no'} |"
         )
     return "\n".join(lines)
@@ -272,13 +303,11 @@ def table(rows: list[dict]) -> str:
 
 def inference_table(rows: list[dict]) -> str:
     lines = [
-        "| runtime (inference only) | whole-process peak MiB | inference-phase peak MiB | images/s (CPU time) |",
-        "|---|---|---|---|",
+        "| runtime (inference only) | whole-process peak MiB | images/s (CPU time) |",
+        "|---|---|---|",
     ]
     for r in rows:
-        lines.append(
-            f"| {r['runtime']} | {r['worker_peak_mib']:.1f} | {r['phase_peak_mib']:.1f} | {r['images_per_s_cpu']:.1f} |"
-        )
+        lines.append(f"| {r['runtime']} | {r['worker_peak_mib']:.1f} | {r['images_per_s_cpu']:.1f} |")
     return "\n".join(lines)
 
 
@@ -332,7 +361,8 @@ def write(rows: list[dict], infer: list[dict], checks: list[dict], meta: dict, a
     write_text(
         DOC,
         f"# Training speed and memory of every engine, side by side\n\n"
-        f"Command: `{meta['command']}` ({meta['minutes']:.0f} min on {meta['machine']}; torch {meta['torch']}, "
+        f"Command: `{meta['command']}` (measured {meta['measured']}, {meta['minutes']:.0f} min on {meta['machine']}; "
+        f"torch {meta['torch']}, "
         f"onnxruntime-training {meta['onnxruntime_training']}, plain onnxruntime {meta['onnxruntime']} in "
         f".venv-device). Raw rows: `bench/results/speed.{{csv,json}}`, plot `bench/results/speed.png`.\n\n"
         f"{MODEL}, real Fashion-MNIST ({args.per_class} images per class, train + val), {args.image_size} px, "
@@ -346,7 +376,7 @@ def write(rows: list[dict], infer: list[dict], checks: list[dict], meta: dict, a
         f"**images/s (CPU time)** = batch / median `time.process_time()` of a training step, {args.warmup} warm-up + "
         f"{args.steps} timed steps in each of {args.repeats} fresh worker processes per engine with one thread: "
         f"the machine is shared (2 cores, load {meta['load']:.1f}), so CPU time, not wall time, measures the "
-        f"engines (wall shown for reference). **training-phase peak**: the workers' VmHWM while stepping "
+        f"engines. **training-phase peak**: the workers' VmHWM while stepping "
         f"(reset after set-up).\n\n{text}\n\n{MARKER}{tail}",
     )
 
@@ -362,17 +392,25 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2, help="fresh worker processes per engine")
+    parser.add_argument("--resume", action="store_true", help=f"keep the measurements already in {RAW.name}")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        cfg = json.loads(args.worker)
-        result = worker(cfg)
-        print("RESULT " + json.dumps({**result, "channels": cfg.get("channels"), "layers": cfg.get("layers")}))
+        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
+    settings = {k: v for k, v in vars(args).items() if k not in ("worker", "resume")}
+    raw = json.loads(RAW.read_text()) if args.resume and RAW.exists() else {}
+    if raw.get("settings") != settings:
+        if args.resume and raw:
+            raise SystemExit(f"error: {RAW} was measured with {raw.get('settings')}, not {settings}")
+        raw = {"settings": settings, "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "load": os.getloadavg()[0], "seconds": 0.0, "runs": {}, "trained": {}, "inferred": {}}  # fmt: skip
     started = time.monotonic()
-    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        rows, infer = measure(args, Path(tmp))
+        rows, infer = measure(args, Path(tmp), raw)
+    raw["seconds"] += time.monotonic() - started
+    raw["load"] = max(raw["load"], os.getloadavg()[0])
+    _save_raw(raw)
     checks = targets(rows)
     import torch
 
@@ -389,9 +427,10 @@ def main() -> None:
     )
     meta = {
         "command": command,
-        "minutes": (time.monotonic() - started) / 60,
+        "measured": raw["started"],
+        "minutes": raw["seconds"] / 60,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "load": max(load, os.getloadavg()[0]),
+        "load": raw["load"],
         "torch": torch.__version__,
         "onnxruntime": versions,
         "onnxruntime_training": importlib.metadata.version("onnxruntime-training-cpu"),
