@@ -82,7 +82,7 @@ SETUPS = {
         Setup("ort", "ort", "trady", "run"),
         Setup("torch-sparse", "torch-sparse", "trady", "finetune"),
         Setup("torch-masked", "torch-masked", "trady", "finetune"),
-        Setup("torch-full", "torch-masked", "full", "finetune"),
+        Setup("torch-full", "torch-masked", "full-frozen-bn", "finetune"),  # every weight, BN frozen as on the devices
     )
 }
 
@@ -93,7 +93,7 @@ def make_plan(name: str, image_size: int, batch: int, budget: str, per_class: in
     path.parent.mkdir(parents=True, exist_ok=True)
     cli("plan", "--model", MODEL, "--image-size", str(image_size), "--engine", setup.plan_engine,
         "--method", setup.method, "--profile", str(device_profile(profile)) if setup.device else profile,
-        "--batch-size", str(batch), "--budget", "100%" if setup.method == "full" else budget,
+        "--batch-size", str(batch), "--budget", "100%" if setup.method.startswith("full") else budget,
         "--ranking", str(ensure_ranking(image_size)), "--data", "fashion-mnist", "--per-class", str(per_class),
         "--epochs", "1", "--quiet", "-o", str(path))  # fmt: skip
     return json.loads(path.read_text())["memory"]

@@ -43,6 +43,7 @@ def main() -> None:
         action="store_true",
         help="keep the measured peaks of kept rows, predict them again with the current memory model",
     )
+    parser.add_argument("--kept-only", action="store_true", help="measure no new row: only the kept ones")
     args = parser.parse_args()
     grid = [(str(s), str(b), g) for s in args.image_sizes for b in args.batch_sizes for g in args.budgets]
     wanted = [(e, *point) for point in grid for e in args.engines]
@@ -50,6 +51,8 @@ def main() -> None:
     kept = {} if args.remeasure else {tuple(r[k] for k in KEY): r for r in _read(csv_path)}
     rows = []
     for key in wanted:
+        if key not in kept and args.kept_only:
+            continue
         if key not in kept:
             engine, size, batch, budget = key
             kept[key] = measure(engine, int(size), int(batch), budget, args)

@@ -9,7 +9,7 @@ trains one epoch with the real command in a fresh process:
   onnxruntime 1.32, no torch);
 - ``ort``: ``edge-trady run`` on the ``--format ort-training`` artifact (onnxruntime-training 1.19.2);
 - ``torch-sparse`` / ``torch-masked``: ``edge-trady finetune --plan``;
-- ``torch-full``: full fine-tuning (every Conv/Linear weight; ``--method full``, masked engine).
+- ``torch-full``: full fine-tuning (every Conv/Linear weight; ``--method full-frozen-bn``, masked engine).
 
 **Whole-process peak** = that process's VmHWM (imports, data loading, artifact/model, training,
 evaluation, checkpoint, final model export). **Inference-only peak** = VmHWM of a fresh process of
