@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export", "Export a plan as an ONNX Runtime training artifact."),
     "run": ("run", "Fine-tune on the device from a training artifact (no torch)."),
     "evaluate": ("evaluate", "Report the accuracy of an inference ONNX model on a data set."),
+    "fleet": ("fleet", "Fine-tune one model on many devices over Flower (server, node, partition)."),
 }
 
 

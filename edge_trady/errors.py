@@ -25,3 +25,8 @@ class ArtifactError(EdgeTradyError):
 
 class MemoryGuardError(EdgeTradyError):
     """The device does not have the memory the plan needs."""
+
+
+class FleetError(EdgeTradyError):
+    """Fleet fine-tuning cannot go on: a refused or malformed update, too few clients, a run folder
+    that belongs to another artifact."""

@@ -1,0 +1,127 @@
+"""What the server and the devices say to each other, as Flower records (Message API).
+
+Downlink, one ``train`` message per node and round:
+
+- ``global`` (ArrayRecord): every trainable tensor of the artifact, by parameter name;
+- ``task`` (ConfigRecord): ``RoundTask`` (protocol version, round, rounds, local epochs, artifact hash).
+
+Uplink, the reply:
+
+- ``update`` (ArrayRecord): for each candidate layer the client trained, ``<param>@channels`` (int32
+  input channels) and ``<param>@values`` (float32 entries of those channels, ``aggregate.gather``
+  order); the classifier's parameters whole, under their own names. Never a frozen entry.
+- ``report`` (MetricRecord): ``num-examples`` and the client's numbers (``ClientReport``);
+- ``info`` (ConfigRecord): ``status`` ("ok" or "refused"), ``reason``, node name, engine, version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from ..errors import FleetError
+from .aggregate import ChannelSlice, ClientUpdate
+
+PROTOCOL_VERSION = 1
+GLOBAL, TASK, UPDATE, REPORT, INFO = "global", "task", "update", "report", "info"
+CHANNELS, VALUES = "@channels", "@values"
+EXAMPLES = "num-examples"
+
+
+@dataclass(frozen=True)
+class RoundTask:
+    """What the server asks of every node in a round."""
+
+    round: int  # 1-based
+    rounds: int
+    local_epochs: int
+    artifact_sha256: str
+    protocol: int = PROTOCOL_VERSION
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord(asdict(self))
+
+    @classmethod
+    def from_record(cls, record: Mapping) -> RoundTask:
+        protocol = record.get("protocol")
+        if protocol != PROTOCOL_VERSION:
+            raise FleetError(
+                f"the server speaks fleet protocol {protocol!r}, this edge-trady speaks {PROTOCOL_VERSION}: "
+                "install the same edge-trady version on the server and the devices"
+            )
+        return cls(**{f.name: record[f.name] for f in fields(cls)})
+
+
+@dataclass
+class ClientReport:
+    """A client's numbers for one round (the MetricRecord of its reply)."""
+
+    examples: int
+    train_loss: float
+    train_acc: float
+    val_examples: int  # local validation images; the two below are of the global model received
+    val_loss: float
+    val_acc: float
+    channels: int  # input channels selected (candidate layers)
+    seed: int  # the selection's seed (node and plan seed), drawn with the round
+    seconds: float
+    peak_rss_bytes: int  # VmHWM of the ClientApp process
+
+    def to_record(self) -> MetricRecord:
+        values = asdict(self)
+        values[EXAMPLES] = values.pop("examples")
+        return MetricRecord(values)
+
+    @classmethod
+    def from_record(cls, record: Mapping) -> ClientReport:
+        values = dict(record)
+        values["examples"] = values.pop(EXAMPLES)
+        return cls(**{f.name: values[f.name] for f in fields(cls)})
+
+
+def encode_state(state: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({name: Array(np.ascontiguousarray(array)) for name, array in state.items()})
+
+
+def decode_state(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def encode_update(update: ClientUpdate) -> ArrayRecord:
+    arrays = {}
+    for name, part in update.slices.items():
+        arrays[name + CHANNELS] = Array(part.channels.astype(np.int32))
+        arrays[name + VALUES] = Array(np.ascontiguousarray(part.values, dtype=np.float32))
+    arrays.update({name: Array(np.ascontiguousarray(array)) for name, array in update.dense.items()})
+    return ArrayRecord(arrays)
+
+
+def decode_update(record: ArrayRecord, examples: int) -> ClientUpdate:
+    """The update in ``record``; raises FleetError if a slice lacks its channels or values."""
+    arrays = decode_state(record)
+    names = {key[: -len(CHANNELS)] for key in arrays if key.endswith(CHANNELS)}
+    names |= {key[: -len(VALUES)] for key in arrays if key.endswith(VALUES)}
+    slices = {}
+    for name in sorted(names):
+        channels, values = arrays.pop(name + CHANNELS, None), arrays.pop(name + VALUES, None)
+        if channels is None or values is None:
+            raise FleetError(f"update of {name!r} has {'values' if channels is None else 'channels'} only")
+        slices[name] = ChannelSlice(channels, values)
+    return ClientUpdate(int(examples), slices, arrays)
+
+
+def train_content(state_record: ArrayRecord, task: RoundTask) -> RecordDict:
+    return RecordDict({GLOBAL: state_record, TASK: task.to_record()})
+
+
+def reply_content(update: ClientUpdate, report: ClientReport, info: dict) -> RecordDict:
+    return RecordDict(
+        {UPDATE: encode_update(update), REPORT: report.to_record(), INFO: ConfigRecord({"status": "ok", **info})}
+    )
+
+
+def refusal_content(reason: str, info: dict) -> RecordDict:
+    return RecordDict({INFO: ConfigRecord({"status": "refused", "reason": reason, **info})})
