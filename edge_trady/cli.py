@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export", "Export a plan as an ONNX Runtime training artifact."),
     "run": ("run", "Fine-tune on the device from a training artifact (no torch)."),
     "evaluate": ("evaluate", "Report the accuracy of an inference ONNX model on a data set."),
+    "report": ("report", "Summarise a run folder and draw it (accuracy, memory, budget, channels per layer)."),
     "fleet": ("fleet", "Fine-tune one model on many devices over Flower (server, node, partition)."),
 }
 
@@ -59,7 +60,7 @@ def _module_exists(module: str) -> bool:
 def cli() -> None:
     """Memory-budgeted fine-tuning on edge devices with TraDy.
 
-    Workstation: inspect, rank, plan, export, finetune. Device: profile, run, evaluate.
+    Workstation: inspect, rank, plan, export, finetune. Device: profile, run, evaluate, report.
     Run `edge-trady COMMAND --help` for the options of a command.
     """
 

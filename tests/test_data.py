@@ -22,7 +22,10 @@ from edge_trady.device.data import (
     Dataset,
     Normalization,
     epoch_order,
+    evaluation_split,
+    has_validation_part,
     load_dataset,
+    validation_source,
 )
 from edge_trady.errors import DataError
 
@@ -157,7 +160,7 @@ def test_folder_explicit_splits_modes_and_extensions(tmp_path: Path) -> None:
     val = load_dataset(str(root), "val", 6, IMAGENET)
     assert val.labels.tolist() == [0, 1] and val.pixels.shape == (2, 6, 6, 3)
     assert abs(int(val.pixels[0, 3, 3, 1]) - 255) < 10 and val.pixels[0, 3, 3, 0] < 10
-    assert train.source == f"{root} (train)" and val.source == f"{root} (val)"
+    assert train.source == f"{root} (train)" and val.source == f"{root} (val: test/)"
 
 
 def test_per_class_subset_sizes_determinism_and_nesting(tmp_path: Path) -> None:
@@ -320,6 +323,62 @@ def test_truncated_idx_file_gives_data_error(tmp_path: Path) -> None:
 def test_missing_fashion_mnist_directory(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="absent: no such directory.*dataset-fashion-mnist"):
         load_dataset(f"fashion-mnist:{tmp_path / 'absent'}", "train", 28, IMAGENET)
+
+
+# Splits: "all" and what evaluation means
+
+
+def test_all_of_a_file_without_validation_part_is_every_image(tmp_path: Path) -> None:
+    path = tmp_path / "test.npz"
+    x = np.random.default_rng(0).integers(0, 256, (25, 4, 4), dtype=np.uint8)
+    np.savez(path, x=x, y=np.arange(25) % 3)
+    assert not has_validation_part(str(path)) and evaluation_split(str(path)) == "all"
+    every = load_dataset(str(path), "all", 4, IMAGENET)
+    assert len(every) == 25 and np.array_equal(every.pixels[..., 0], x) and every.source == f"{path} (all)"
+    train, val = (load_dataset(str(path), s, 4, IMAGENET) for s in ("train", "val"))
+    assert (len(train), len(val)) == (19, 6) and "0.2 holdout" in val.source  # what "val" would have scored
+    assert np.bincount(load_dataset(str(path), "all", 4, IMAGENET, per_class=2).labels).tolist() == [2, 2, 2]
+    folder = make_folder(tmp_path / "flat", {"a": 4, "b": 3})
+    assert evaluation_split(str(folder)) == "all" and len(load_dataset(str(folder), "all", 4, IMAGENET)) == 7
+
+
+def test_all_of_a_data_set_with_validation_part_joins_both(tmp_path: Path) -> None:
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros((4, 3, 3), np.uint8), y=[0, 1, 0, 1], x_val=np.full((2, 3, 3), 9, np.uint8), y_val=[1, 0])
+    assert has_validation_part(str(path)) and evaluation_split(str(path)) == "val"
+    every = load_dataset(str(path), "all", 3, IMAGENET)
+    assert every.labels.tolist() == [0, 1, 0, 1, 1, 0] and every.pixels[:, 0, 0, 0].tolist() == [0] * 4 + [9] * 2
+    assert every.source == f"{path} (all: x, y + x_val, y_val)"
+    assert load_dataset(str(path), "val", 3, IMAGENET).source == f"{path} (val: x_val, y_val)"
+    picked = load_dataset(str(path), "all", 3, IMAGENET, per_class=1, seed=3)
+    assert sorted(picked.labels.tolist()) == [0, 1]
+
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.full((3, 28, 28), 5))
+    write_idx(tmp_path / "train-labels-idx1-ubyte", np.array([0, 1, 2]))
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", np.full((2, 28, 28), 7))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.array([2, 2]))
+    spec = f"fashion-mnist:{tmp_path}"
+    assert evaluation_split(spec) == "val"
+    fashion = load_dataset(spec, "all", 28, IMAGENET)
+    assert fashion.labels.tolist() == [0, 1, 2, 2, 2] and fashion.pixels[:, 0, 0, 0].tolist() == [5, 5, 5, 7, 7]
+    assert fashion.source.endswith("(all: train files + t10k files)")
+
+    synthetic = load_dataset("synthetic:2", "all", 8, IMAGENET, per_class=3)
+    halves = [load_dataset("synthetic:2", s, 8, IMAGENET, per_class=3).pixels for s in ("train", "val")]
+    assert np.array_equal(synthetic.pixels, np.concatenate(halves)) and "all: train + val" in synthetic.source
+
+
+def test_validation_source_scores_separate_data_whole(tmp_path: Path) -> None:
+    test_file = tmp_path / "test.npz"
+    np.savez(test_file, x=np.zeros((4, 3, 3), np.uint8), y=[0, 1, 0, 1])
+    assert validation_source(None, "synthetic:4") == ("synthetic:4", "val")
+    assert validation_source(str(test_file), "synthetic:4") == (str(test_file), "all")
+    assert validation_source(str(test_file), str(test_file)) == (str(test_file), "val")  # not the training images
+    assert validation_source("fashion-mnist", "synthetic:10") == ("fashion-mnist", "val")
+    with pytest.raises(DataError, match="no such file"):
+        evaluation_split(str(tmp_path / "absent.npz"))
+    with pytest.raises(DataError, match="split must be one of train, val, all"):
+        load_dataset(str(test_file), "test", 3, IMAGENET)
 
 
 def test_import_without_torch() -> None:

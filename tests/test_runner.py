@@ -25,8 +25,10 @@ from onnx import numpy_helper
 
 from edge_trady.cli import cli
 from edge_trady.core.masks import channel_mask
+from edge_trady.device.data import MINUS_ONE_TO_ONE, load_dataset
 from edge_trady.device.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest
 from edge_trady.device.runlog import read_jsonl
+from edge_trady.device.runner import RunRequest, load_data
 from edge_trady.engines.ort_training import OrtEngine
 from edge_trady.errors import ArtifactError
 from edge_trady.workstation.cost_trace import trace_layers
@@ -207,6 +209,41 @@ def test_evaluate_reports_the_runs_last_val_accuracy(trained: Path, device) -> N
     assert len(done.stdout.splitlines()) == 1 + 4  # and one line per class
 
 
+def test_evaluate_scores_a_whole_test_file_unless_a_split_is_asked(
+    trained: Path, artifact: Path, device, tmp_path: Path
+) -> None:
+    test_file = tmp_path / "test.npz"
+    images = load_dataset("synthetic:4", "all", 32, MINUS_ONE_TO_ONE, seed=9)  # 2 x 32 per class
+    np.savez(test_file, x=images.pixels, y=images.labels, class_names=images.class_names)
+    model = str(trained / "model.onnx")
+    counts = {}
+    for split in ([], ["--split", "val"], ["--split", "train"], ["--split", "all"]):
+        done = device("evaluate", model, "--data", str(test_file), *split)
+        assert done.returncode == 0, done.stderr
+        total, scored, source = re.search(r"\(\d+/(\d+)\) loss \S+ on (\d+) images of (.*)$", done.stdout).groups()
+        assert total == scored
+        counts[tuple(split)] = int(scored), source
+    assert counts[()] == counts[("--split", "all")] == (256, f"{test_file} (all)")
+    assert counts[("--split", "val")] == (52, f"{test_file} (val, 0.2 holdout, seed 0)")
+    assert counts[("--split", "train")][0] == 256 - 52
+    # --val of run: the same rule (a separate file is validation data whole; the training data's holdout else)
+    manifest = Manifest.load(artifact)
+    _, val = load_data(manifest, RunRequest(artifact, "synthetic:4", tmp_path / "run", val=str(test_file)))
+    assert len(val) == 256 and val.source == f"{test_file} (all)"
+    _, val = load_data(manifest, RunRequest(artifact, str(test_file), tmp_path / "run"))
+    assert len(val) == 52
+
+
+def test_report_of_a_device_run_knows_its_predicted_peak(trained: Path, artifact: Path, device) -> None:
+    done = device("report", str(trained), "--plan", str(artifact))
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((trained / "summary.json").read_text())
+    predicted = summary["predicted_peak_bytes"] / 2**20
+    assert done.stdout.startswith(f"{trained}: {summary['model']}, edge-trady run, engine ort, method trady\n")
+    assert f"(predicted {predicted:.1f} MiB, " in done.stdout and (trained / "report.png").is_file()
+    assert "of 20 layers trained at least once" in done.stdout  # the plan's 20 candidates
+
+
 def test_unselected_channels_and_frozen_weights_stay_bit_identical(artifact: Path, trained: Path) -> None:
     initial = OrtEngine(artifact)
     layout = initial.layout
@@ -326,6 +363,8 @@ def test_sigterm_checkpoints_and_stops_then_resume_finishes(
     resumed = device(*args, "--resume", "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_run(trained, out)
+    report = device("report", str(out))  # a resumed run folder reports like any other
+    assert report.returncode == 0 and "  epochs     3 epoch(s)" in report.stdout, report.stderr
 
 
 def _edit_manifest(artifact: Path, edit: Callable[[dict], None]) -> None:

@@ -102,7 +102,6 @@ def command(out_dir: str, per_class: int, image_size: int, epochs: int, budget: 
         data,
         "--per-class",
         str(per_class),
-        *(["--quiet"] if quiet else []),
     )
 
     summary = json.loads((run_dir / "summary.json").read_text())

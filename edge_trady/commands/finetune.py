@@ -6,7 +6,14 @@ from pathlib import Path
 
 import click
 
-from .options import checkpoint_options, data_options, model_options, selection_options, training_options
+from .options import (
+    checkpoint_options,
+    data_options,
+    model_options,
+    progress_options,
+    selection_options,
+    training_options,
+)
 
 
 @click.command("finetune")
@@ -14,6 +21,7 @@ from .options import checkpoint_options, data_options, model_options, selection_
 @data_options
 @selection_options
 @training_options
+@progress_options
 @click.option(
     "--engine",
     type=click.Choice(["torch-masked", "torch-sparse", "ort"]),
@@ -39,7 +47,15 @@ from .options import checkpoint_options, data_options, model_options, selection_
 )
 @checkpoint_options
 @click.pass_context
-def command(ctx: click.Context, plan_path: str | None, out_dir: str, resume: bool, quiet: bool, **options) -> None:
+def command(
+    ctx: click.Context,
+    plan_path: str | None,
+    out_dir: str,
+    resume: bool,
+    quiet: bool,
+    progress_every: float | None,
+    **options,
+) -> None:
     """Fine-tune a model with TraDy or a baseline, training only the selected input channels.
 
     The model runs with frozen BatchNorm and no dropout; plain SGD with a cosine schedule. Every
@@ -53,13 +69,16 @@ def command(ctx: click.Context, plan_path: str | None, out_dir: str, resume: boo
     from ..workstation.finetune import FinetuneSpec, run_finetune
 
     fields = {k: v for k, v in options.items() if k in FinetuneSpec.__dataclass_fields__}
+    progress = Progress(quiet, progress_every)
     if plan_path:
         from ..core.plan import Plan
 
+        plan = Plan.load(Path(plan_path))
         explicit = {k for k in fields if ctx.get_parameter_source(k).name == "COMMANDLINE"}
-        fields = Plan.load(Path(plan_path)).finetune_fields() | {k: fields[k] for k in explicit}
+        fields = plan.finetune_fields() | {k: fields[k] for k in explicit}
         fields["data"] = options["data"]
-    result = run_finetune(FinetuneSpec(**fields), Path(out_dir), Progress(quiet), resume)
+        progress.predicted_peak_bytes = plan.estimate.peak_bytes
+    result = run_finetune(FinetuneSpec(**fields), Path(out_dir), progress, resume)
     if not quiet:
         acc = f"{result.final_val_acc:.4f}" if result.final_val_acc is not None else "n/a"
         click.echo(

@@ -48,7 +48,9 @@ data_options = stack(
     click.option(
         "--val-data",
         default=None,
-        help="Validation data (same forms). Default: the validation split of --data.",
+        help="Validation data (same forms), scored whole unless it has its own validation part "
+        "(Fashion-MNIST's t10k files, an .npz's x_val/y_val, a folder's val/ or test/). Default: the "
+        "validation split of --data (its validation part, else a seeded 20% holdout).",
     ),
     click.option(
         "--per-class",
@@ -87,7 +89,18 @@ training_options = stack(
         show_default=True,
         help="Seeds data subsets and order, new layers and channel sampling.",
     ),
+)
+
+progress_options = stack(
     click.option("--quiet", is_flag=True, help="No progress output (for scripts)."),
+    click.option(
+        "--progress-every",
+        type=click.FloatRange(0),
+        default=None,
+        metavar="SECONDS",
+        help="When stderr is not a terminal (systemd, docker logs, a pipe): a plain progress line every "
+        "SECONDS (0: every step). Default: $EDGE_TRADY_PROGRESS_EVERY, else 30. On a terminal: a live bar.",
+    ),
 )
 
 selection_options = stack(

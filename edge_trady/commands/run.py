@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .options import checkpoint_options
+from .options import checkpoint_options, progress_options
 
 
 @click.command("run")
@@ -18,7 +18,14 @@ from .options import checkpoint_options
     help="Training data: 'fashion-mnist[:DIR]', an image folder (one sub-folder per class), an .npz "
     "file with x and y, or 'synthetic[:CLASSES]'. Its classes must be the artifact's.",
 )
-@click.option("--val", "val_data", default=None, help="Validation data. Default: the validation split of --train.")
+@click.option(
+    "--val",
+    "val_data",
+    default=None,
+    help="Validation data (same forms), scored whole unless it has its own validation part (Fashion-MNIST's "
+    "t10k files, an .npz's x_val/y_val, a folder's val/ or test/). Default: the validation split of --train "
+    "(its validation part, else a seeded 20% holdout).",
+)
 @click.option(
     "--per-class",
     type=click.IntRange(1),
@@ -42,7 +49,7 @@ from .options import checkpoint_options
     is_flag=True,
     help="Run even when the plan's predicted peak exceeds the memory available now.",
 )
-@click.option("--quiet", is_flag=True, help="No progress output (for scripts).")
+@progress_options
 def command(
     artifact: str,
     train_data: str,
@@ -55,6 +62,7 @@ def command(
     force: bool,
     checkpoint_every: int,
     quiet: bool,
+    progress_every: float | None,
 ) -> None:
     """Fine-tune the training artifact ARTIFACT (from 'edge-trady export') on this device.
 
@@ -80,7 +88,7 @@ def command(
         force=force,
         checkpoint_every=checkpoint_every,
     )
-    summary = run(request, Progress(quiet))
+    summary = run(request, Progress(quiet, progress_every))
     if not quiet:
         click.echo(
             f"val_acc {summary.final_val_acc:.4f}; peak RSS {summary.peak_rss_bytes / 2**20:.0f} MiB "

@@ -12,7 +12,10 @@ one batch at a time. Spec strings accepted by :func:`load_dataset`:
 - a directory: an image folder with one sub-folder of JPEG/PNG images per class, optionally
   inside ``train/`` and ``val/`` (or ``test/``).
 
-Without an explicit validation set, ``val`` is a seeded, stratified holdout of ``val_fraction``.
+Without an explicit validation set, ``val`` is a seeded, stratified holdout of ``val_fraction``
+and ``train`` the rest; ``all`` is every image of every part (train + val/test; for synthetic data,
+both generated splits). Data passed for evaluation or validation is scored whole unless it has an
+explicit validation part (:func:`evaluation_split`).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ SPEC_FORMS = (
 )
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 SYNTHETIC_PER_CLASS = 32
+SPLITS = ("train", "val", "all")
 
 # Second entry of the seed sequence of each random stream (epoch_order uses [seed, epoch, 1]).
 _HOLDOUT_STREAM = 2
@@ -135,13 +139,13 @@ def load_dataset(
     seed: int = 0,
     val_fraction: float = 0.2,
 ) -> Dataset:
-    """Load split ``train`` or ``val`` of a data set, resized to ``image_size`` squared.
+    """Load split ``train``, ``val`` or ``all`` of a data set, resized to ``image_size`` squared.
 
     ``per_class`` keeps a seeded, stratified random subset of at most that many images per class
     (chosen before any image is decoded or resized). Raises DataError for bad input.
     """
-    if split not in ("train", "val"):
-        raise DataError(f"split must be 'train' or 'val', not {split!r}")
+    if split not in SPLITS:
+        raise DataError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
     if image_size < 1:
         raise DataError(f"image size must be >= 1, got {image_size}")
     if per_class is not None and per_class < 1:
@@ -153,9 +157,9 @@ def load_dataset(
     if name == "synthetic":
         return _synthetic(spec, arg, split, image_size, normalization, per_class, seed)
     source = _open(spec, split)
-    details = [split]
+    details = [f"{split}: {source.part}" if source.part else split]
     keep = np.arange(len(source.labels))
-    if source.holdout:
+    if source.holdout and split != "all":
         keep = _holdout(source.labels, len(source.class_names), split, seed, val_fraction)
         details.append(f"{val_fraction:g} holdout")
     if per_class is not None:
@@ -184,9 +188,47 @@ class _Source:
     read: Callable[[np.ndarray, int], np.ndarray]  # (indices, size) -> uint8 [n, S, S, 3]
     holdout: bool  # True: no explicit val set, the split is a holdout of these images
     description: str
+    part: str = ""  # which files or arrays an explicit split is, e.g. "t10k files", "x_val, y_val"
+
+
+def has_validation_part(spec: str) -> bool:
+    """True when the data set has its own validation part (Fashion-MNIST's t10k files, an .npz with
+    ``x_val``/``y_val``, an image folder with ``train/`` and ``val/`` or ``test/``, synthetic data);
+    False when its ``val`` split would be a holdout. Reads no image."""
+    name, _, arg = spec.partition(":")
+    if name in ("fashion-mnist", "synthetic"):
+        return True
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".npz" and path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return "x_val" in npz.files
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            raise DataError(f"{path}: cannot read .npz file ({e})") from e
+    if path.is_dir():
+        return (path / "train").is_dir() and any((path / d).is_dir() for d in ("val", "test"))
+    return _open(spec, "train").holdout  # not a data set: raises the DataError that says why
+
+
+def evaluation_split(spec: str) -> str:
+    """The split that scoring ``spec`` means by default: its validation part if it has one, else
+    every image (a test file passed to evaluate, or as separate validation data, is scored whole)."""
+    return "val" if has_validation_part(spec) else "all"
+
+
+def validation_source(val_spec: str | None, train_spec: str) -> tuple[str, str]:
+    """(spec, split) of the validation data of a run: the ``val`` split of the training data when
+    no separate validation data is given (or it is the training data itself), else that data set's
+    :func:`evaluation_split`."""
+    if val_spec is None or val_spec == train_spec:
+        return train_spec, "val"
+    return val_spec, evaluation_split(val_spec)
 
 
 def _open(spec: str, split: str) -> _Source:
+    if split == "all":
+        train = _open(spec, "train")
+        return train if train.holdout else _join(train, _open(spec, "val"))
     name, _, arg = spec.partition(":")
     if name == "fashion-mnist":
         directory = arg or os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR
@@ -198,6 +240,25 @@ def _open(spec: str, split: str) -> _Source:
         return _open_folder(path, split)
     problem = "not a directory or .npz file" if path.exists() else "no such file or directory"
     raise DataError(f"{spec}: {problem}; expected {SPEC_FORMS}")
+
+
+def _join(first: _Source, second: _Source) -> _Source:
+    """The images of two parts of one data set (train then val), as one source without holdout."""
+    n = len(first.labels)
+
+    def read(indices: np.ndarray, size: int) -> np.ndarray:
+        out = np.empty((len(indices), size, size, 3), np.uint8)
+        ours = indices < n
+        if ours.any():
+            out[ours] = first.read(indices[ours], size)
+        if not ours.all():
+            out[~ours] = second.read(indices[~ours] - n, size)
+        return out
+
+    labels = np.concatenate([first.labels, second.labels])
+    return _Source(
+        labels, first.class_names, read, False, first.description, f"{first.part or 'train'} + {second.part or 'val'}"
+    )
 
 
 def _holdout(labels: np.ndarray, num_classes: int, split: str, seed: int, val_fraction: float) -> np.ndarray:
@@ -264,7 +325,8 @@ def _open_fashion_mnist(directory: Path, split: str) -> _Source:
             raise DataError(f"{images_path}: {len(images)} images but {labels_path.name} has {len(labels)} labels")
         return _fit_arrays(images[indices][..., None], size)
 
-    return _Source(labels, list(FASHION_MNIST_CLASSES), read, False, f"fashion-mnist {directory}")
+    part = f"{prefix} files"
+    return _Source(labels, list(FASHION_MNIST_CLASSES), read, False, f"fashion-mnist {directory}", part)
 
 
 def _idx_file(directory: Path, stem: str) -> Path:
@@ -314,7 +376,8 @@ def _open_folder(root: Path, split: str) -> _Source:
     def read(indices: np.ndarray, size: int) -> np.ndarray:
         return _stack((_read_image(files[i], size) for i in indices), len(indices), size)
 
-    return _Source(np.array(labels, np.int64), class_names, read, not explicit, str(root))
+    part = f"{split_root.name}/" if explicit and split_root.name != split else ""  # val from test/
+    return _Source(np.array(labels, np.int64), class_names, read, not explicit, str(root), part)
 
 
 def _class_dirs(root: Path) -> list[Path]:
@@ -376,7 +439,9 @@ def _open_npz(path: Path, split: str) -> _Source:
             images = np.rint(images * 255).astype(np.uint8)
         return _fit_arrays(images, size)
 
-    return _Source(y.astype(np.int64), class_names, read, "y_val" not in arrays, str(path))
+    explicit = "y_val" in arrays
+    part = f"{x_key}, {y_key}" if explicit else ""
+    return _Source(y.astype(np.int64), class_names, read, not explicit, str(path), part)
 
 
 def _load_npz(path: Path, split: str) -> dict[str, np.ndarray]:
@@ -451,9 +516,19 @@ def _synthetic(
     per_class: int | None,
     seed: int,
 ) -> Dataset:
-    """K classes of stripes: class c has hue c/K and stripe angle pi c/K; phase and noise vary."""
+    """K classes of stripes: class c has hue c/K and stripe angle pi c/K; phase and noise vary.
+    Each split has ``per_class`` images per class (default 32); ``all`` is train then val."""
     if arg and not (arg.isdigit() and int(arg) >= 1):
         raise DataError(f"{spec}: K must be a positive integer (e.g. synthetic:4)")
+    if split == "all":
+        parts = [_synthetic(spec, arg, s, size, normalization, per_class, seed) for s in ("train", "val")]
+        return Dataset(
+            pixels=np.concatenate([p.pixels for p in parts]),
+            labels=np.concatenate([p.labels for p in parts]),
+            class_names=parts[0].class_names,
+            normalization=normalization,
+            source=parts[0].source.replace("(train,", "(all: train + val,"),
+        )
     num_classes = int(arg) if arg else 4
     n = SYNTHETIC_PER_CLASS if per_class is None else per_class
     rng = np.random.default_rng([seed, _SYNTHETIC_STREAM, 0 if split == "train" else 1])

@@ -14,7 +14,6 @@ import math
 import os
 import platform
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ ENGINES = tuple(ENGINE_MODULES)
 PROFILES_ENV = "EDGE_TRADY_PROFILES"
 DEFAULT_PROFILES_DIR = Path(__file__).resolve().parents[1] / "profiles"  # package data
 PROBE_TIMEOUT_S = 600
+PROBE_MODEL = Path(__file__).with_name("probe.onnx")  # package data: Y = Conv(X[1,3,16,16]) (tests/test_probe_model.py)
 
 
 @dataclass
@@ -197,44 +197,6 @@ def load_profile(name_or_path: str) -> DeviceProfile:
 # --- measuring ----------------------------------------------------------------------------------
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _pb(number: int, value: int | str | bytes) -> bytes:
-    """One protobuf field: varint for ints, length-delimited for strings/bytes/messages."""
-    if isinstance(value, int):
-        return _varint(number << 3) + _varint(value)
-    payload = value.encode() if isinstance(value, str) else value
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _tiny_onnx_model() -> bytes:
-    """A serialized ONNX model ``Y = Conv(X[1,3,16,16], W[8,3,3,3])``, built without ``onnx``."""
-
-    def tensor_type(dims: tuple[int, ...]) -> bytes:  # TypeProto.tensor_type (FLOAT, shape)
-        shape = b"".join(_pb(1, _pb(1, d)) for d in dims)
-        return _pb(1, _pb(1, 1) + _pb(2, shape))
-
-    weight_dims = (8, 3, 3, 3)
-    weight = b"".join(_pb(1, d) for d in weight_dims) + _pb(2, 1) + _pb(8, "W")
-    weight += _pb(9, struct.pack(f"<{math.prod(weight_dims)}f", *[0.01] * math.prod(weight_dims)))
-    node = _pb(1, "X") + _pb(1, "W") + _pb(2, "Y") + _pb(4, "Conv")
-    graph = (
-        _pb(1, node)
-        + _pb(2, "tiny")
-        + _pb(5, weight)
-        + _pb(11, _pb(1, "X") + _pb(2, tensor_type((1, 3, 16, 16))))
-        + _pb(12, _pb(1, "Y") + _pb(2, tensor_type((1, 8, 14, 14))))
-    )
-    return _pb(1, 8) + _pb(2, "edge-trady") + _pb(7, graph) + _pb(8, _pb(2, 17))
-
-
 def _probe_script(engine: str) -> str:
     """Python source for a fresh process that loads ``engine`` and prints its peak RSS."""
     work = {
@@ -242,7 +204,7 @@ def _probe_script(engine: str) -> str:
         "ort": (
             "import numpy, onnxruntime\n"
             "from onnxruntime.capi import _pybind_state\n"
-            f"s = onnxruntime.InferenceSession({_tiny_onnx_model()!r}, "
+            f"s = onnxruntime.InferenceSession({str(PROBE_MODEL)!r}, "
             "providers=['CPUExecutionProvider'])\n"
             "s.run(None, {'X': numpy.ones((1, 3, 16, 16), numpy.float32)})\n"
         ),

@@ -14,7 +14,7 @@ from ..core.layers import LayerCost, channel_costs
 from ..core.plan import Plan
 from ..core.selection import CandidateLayer, ChannelSampler, candidate_names, method_spec
 from ..errors import DataError, MemoryGuardError, PlanError
-from .data import Dataset, Normalization, load_dataset
+from .data import Dataset, Normalization, load_dataset, validation_source
 from .loop import TrainConfig, evaluate, train
 from .manifest import Manifest, ModelInfo
 from .memwatch import current_rss_bytes, peak_rss_bytes
@@ -101,7 +101,7 @@ class RunRequest:
     artifact: Path
     train: str
     out: Path
-    val: str | None = None  # default: the validation split of ``train``
+    val: str | None = None  # default: the validation split of ``train`` (data.validation_source)
     per_class: int | None = None
     val_per_class: int | None = None  # default: ``per_class``
     epochs: int | None = None  # default: the plan's
@@ -135,8 +135,8 @@ def load_data(manifest: Manifest, request: RunRequest) -> tuple[Dataset, Dataset
     norm = Normalization.from_dict(manifest.normalization)
     train_data = load_dataset(request.train, "train", plan.image_size, norm, request.per_class, plan.seed)
     val_per_class = request.per_class if request.val_per_class is None else request.val_per_class
-    val_spec = request.val or request.train
-    val_data = load_dataset(val_spec, "val", plan.image_size, norm, val_per_class, plan.seed)
+    val_spec, val_split = validation_source(request.val, request.train)
+    val_data = load_dataset(val_spec, val_split, plan.image_size, norm, val_per_class, plan.seed)
     for data in (train_data, val_data):
         check_data(data, plan.num_classes, manifest.class_names, plan.image_size)
     return train_data, val_data
@@ -151,6 +151,7 @@ def run(request: RunRequest, progress: Progress) -> RunSummary:
     plan = manifest.plan
     sampler = plan_sampler(plan)
     check_memory(plan.estimate.peak_bytes, request.force, progress)
+    progress.predicted_peak_bytes = plan.estimate.peak_bytes
     train_data, val_data = load_data(manifest, request)
     engine = OrtEngine(request.artifact)
     config = TrainConfig(

@@ -15,7 +15,7 @@ from ..core.atomic import replacing, write_json
 from ..core.budget import Budget, parse_budget
 from ..core.layers import LayerCost, full_units
 from ..core.selection import CandidateLayer, ChannelSampler, Selection, method_spec
-from ..device.data import Dataset, epoch_order, load_dataset
+from ..device.data import Dataset, epoch_order, load_dataset, validation_source
 from ..device.loop import TrainConfig, evaluate, train
 from ..device.memwatch import peak_rss_bytes
 from ..device.progress import Progress
@@ -78,9 +78,9 @@ def prepare(spec: FinetuneSpec) -> Prepared:
     train_data = load_dataset(
         spec.data, "train", spec.image_size, model_normalization(spec.model), spec.per_class, spec.seed
     )
-    val_spec = spec.val_data or spec.data
+    val_spec, val_split = validation_source(spec.val_data, spec.data)
     val_per_class = spec.val_per_class if spec.val_per_class is not None else spec.per_class
-    val_data = load_dataset(val_spec, "val", spec.image_size, train_data.normalization, val_per_class, spec.seed)
+    val_data = load_dataset(val_spec, val_split, spec.image_size, train_data.normalization, val_per_class, spec.seed)
     if val_data.num_classes != train_data.num_classes:
         raise EdgeTradyError(
             f"validation data has {val_data.num_classes} classes, training data {train_data.num_classes} ({val_spec})"
