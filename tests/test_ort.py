@@ -19,7 +19,7 @@ from edge_trady.engines.ort_training import OrtEngine, export_inference
 from edge_trady.engines.torch_masked import TorchMaskedEngine
 from edge_trady.errors import ArtifactError
 from edge_trady.workstation.cost_trace import trace_layers
-from edge_trady.workstation.export_ort_training import export_training_artifact
+from edge_trady.workstation.export.ort_training import export_training_artifact
 from edge_trady.workstation.models import build_model
 
 SIZE = 32

@@ -49,9 +49,9 @@ def command(out_dir: str, per_class: int, image_size: int, epochs: int, budget: 
     from ..core.budget import format_bytes
     from ..device.profile import measure_profile
     from ..device.progress import Progress
+    from ..workstation.export.artifact import export_plan
     from ..workstation.planner import PlanRequest, make_plan
     from ..workstation.plots import plot_memory
-    from .export import export_plan
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -158,7 +158,7 @@ def make_engine(prep: Prepared, spec: FinetuneSpec, out_dir: Path, trainable: li
         return TorchSparseEngine(prep.built.module, prep.layers, prep.built.classifier)
     if spec.engine == "ort":
         from ..engines.ort_training import OrtEngine
-        from .export_ort_training import export_training_artifact
+        from .export.ort_training import export_training_artifact
 
         artifact = out_dir / "artifact"
         artifact.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,10 @@
-"""Export a model as an ONNX Runtime training artifact with per-layer gradient masks (workstation).
+"""The forward ONNX graph both exporters start from: what the PyTorch model computes in ``eval()``.
 
-The exported graph computes what the PyTorch model computes in ``eval()`` mode. ORT's training
-graph would turn every BatchNormalization into training-mode BN, so none is left: a BN after a
-frozen conv is folded into that conv, a BN after a trained layer becomes a constant per-channel
-affine (folding it would change the gradient and the SGD trajectory). Zero padding in front of a
-conv (EfficientNet's ``Conv2dStaticSamePadding``) is merged into the Conv's ``pads``.
+ONNX Runtime's training graph would turn every BatchNormalization into training-mode BN, and the
+portable exporter differentiates a small op set, so no BN is left: a BN after a frozen conv is
+folded into that conv, a BN after a trained layer becomes a constant per-channel affine (folding it
+would change the gradient and the SGD trajectory). Zero padding in front of a conv (EfficientNet's
+``Conv2dStaticSamePadding``) is merged into the Conv's ``pads``.
 """
 
 from __future__ import annotations
@@ -14,13 +14,10 @@ import copy
 import io
 import logging
 import os
-import re
 import sys
 import warnings
 from collections import Counter
 from collections.abc import Iterator
-from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import onnx
@@ -29,10 +26,8 @@ import torch.nn.functional as F
 from onnx import helper, numpy_helper
 from torch import fx, nn
 
-from ..core.layers import LayerCost
-from ..core.masks import mask_shape
-from ..engines.ort_runtime import MASK_PREFIX, ArtifactLayout
-from ..errors import ArtifactError
+from ...core.layers import LayerCost
+from ...errors import ArtifactError
 
 INPUT, LABELS, LOGITS = "input", "labels", "logits"
 log = logging.getLogger(__name__)
@@ -75,48 +70,14 @@ class ZeroPad(nn.Module):
         return _ZeroPadFn.apply(x, self.padding)
 
 
-def export_training_artifact(
-    model: nn.Module,
-    layers: list[LayerCost],
-    trainable: list[str],
-    classifier: str,
-    image_size: int,
-    out_dir: Path,
-) -> ArtifactLayout:
-    """Write the artifact of ``model`` to ``out_dir``: ``trainable`` layers' weights masked, the
-    classifier's weight and bias unmasked, everything else frozen."""
-    costs = {layer.name: layer for layer in layers}
-    masked = [name for name in dict.fromkeys(trainable) if name != classifier]
-    _check_layers(model, costs, masked, classifier)
-    head: nn.Linear = model.get_submodule(classifier)
-    params = {name: [f"{name}.weight"] for name in masked}
-    params[classifier] = [f"{classifier}.weight"] + ([f"{classifier}.bias"] if head.bias is not None else [])
-    masks = {MASK_PREFIX + f"{name}.weight": name for name in masked}
-    graph = _to_onnx(_export_copy(model, {*masked, classifier}), image_size)
-    _merge_pads(graph)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    loss_name = _generate(graph, params, masks, costs, out_dir)
-    layout = ArtifactLayout(
-        image_size=image_size,
-        classifier=classifier,
-        input_name=INPUT,
-        labels_name=LABELS,
-        loss_name=loss_name,
-        logits_name=LOGITS,
-        masks=masks,
-        params=params,
-        layers=[costs[name] for name in masked],
-    )
-    layout.save(out_dir)
-    return layout
-
-
-def _check_layers(model: nn.Module, costs: dict[str, LayerCost], masked: list[str], classifier: str) -> None:
+def check_layers(model: nn.Module, costs: dict[str, LayerCost], trainable: list[str], classifier: str) -> None:
+    """Raise ArtifactError unless the classifier is a Linear and every trainable layer a traced
+    Conv2d or Linear of ``model``."""
     modules = dict(model.named_modules())
     if not isinstance(modules.get(classifier), nn.Linear):
         kind = type(modules[classifier]).__name__ if classifier in modules else "missing"
         raise ArtifactError(f"classifier {classifier!r} must be an nn.Linear layer ({kind})")
-    for name in masked:
+    for name in trainable:
         module = modules.get(name)
         if module is None:
             raise ArtifactError(f"trainable layer {name!r}: the model has no such layer")
@@ -161,7 +122,7 @@ def _bn_producers(model: nn.Module) -> dict[str, str]:
     return pairs
 
 
-def _export_copy(model: nn.Module, trained: set[str]) -> nn.Module:
+def export_copy(model: nn.Module, trained: set[str]) -> nn.Module:
     """An eval-mode deep copy with no BatchNorm left and export-friendly zero pads."""
     work = copy.deepcopy(model).eval()
     producers = _bn_producers(work)
@@ -202,7 +163,9 @@ def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, attr, module)
 
 
-def _to_onnx(model: nn.Module, image_size: int) -> onnx.ModelProto:
+def to_onnx(model: nn.Module, image_size: int, opset: int | None = None) -> onnx.ModelProto:
+    """The eval-mode forward of ``model`` (image in, logits out, dynamic batch); every parameter
+    and buffer is an initializer (none is a graph input). ``opset=None``: the exporter's default."""
     buffer = io.BytesIO()
     try:
         with warnings.catch_warnings(), _stdout_fd_silenced():
@@ -212,6 +175,7 @@ def _to_onnx(model: nn.Module, image_size: int) -> onnx.ModelProto:
                 (torch.zeros(2, 3, image_size, image_size),),
                 buffer,
                 dynamo=False,
+                opset_version=opset,
                 training=torch.onnx.TrainingMode.EVAL,
                 do_constant_folding=False,
                 export_params=True,
@@ -221,7 +185,7 @@ def _to_onnx(model: nn.Module, image_size: int) -> onnx.ModelProto:
                 dynamic_axes={INPUT: {0: "batch"}, LOGITS: {0: "batch"}},
             )
     except Exception as exc:
-        raise ArtifactError(f"ONNX export failed: {_first_line(str(exc))}") from exc
+        raise ArtifactError(f"ONNX export failed: {first_line(str(exc))}") from exc
     model = onnx.load_from_string(buffer.getvalue())
     inputs = [i for i in model.graph.input if i.name == INPUT]
     del model.graph.input[:]
@@ -229,7 +193,7 @@ def _to_onnx(model: nn.Module, image_size: int) -> onnx.ModelProto:
     return model
 
 
-def _merge_pads(model: onnx.ModelProto) -> None:
+def merge_pads(model: onnx.ModelProto) -> None:
     """Fold each constant zero ``Pad`` on H/W that only feeds Conv data inputs into those Convs."""
     graph = model.graph
     consts = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
@@ -300,97 +264,12 @@ def _add_conv_pads(conv: onnx.NodeProto, extra: tuple[int, int, int, int]) -> No
     conv.attribute.append(helper.make_attribute("pads", merged))
 
 
-def _generate(
-    graph: onnx.ModelProto,
-    params: dict[str, list[str]],
-    masks: dict[str, str],
-    costs: dict[str, LayerCost],
-    out_dir: Path,
-) -> str:
-    """Run ``generate_artifacts`` and add the masks; return the name of the loss output."""
-    from onnxruntime.training import artifacts
-
-    requires_grad = [name for names in params.values() for name in names]
-    names = {init.name for init in graph.graph.initializer}
-    missing = [name for name in requires_grad if name not in names]
-    if missing:
-        raise ArtifactError(
-            f"parameter {missing[0]!r} is not an initializer of the exported graph "
-            "(shared or transformed weights are not supported)"
-        )
-    try:
-        with _quiet_gradient_builder():
-            artifacts.generate_artifacts(
-                graph,
-                requires_grad=requires_grad,
-                frozen_params=sorted(names - set(requires_grad)),
-                loss=artifacts.LossType.CrossEntropyLoss,
-                optimizer=artifacts.OptimType.SGD,
-                artifact_directory=out_dir,
-                additional_output_names=[LOGITS],
-            )
-    except Exception as exc:
-        raise ArtifactError(f"ONNX Runtime cannot build the training graph: {_ort_reason(exc)}") from exc
-    _logits_only(out_dir / ArtifactLayout.eval_model)
-    return _add_masks(out_dir / ArtifactLayout.training_model, masks, costs)
-
-
-@contextlib.contextmanager
-def _quiet_gradient_builder() -> Iterator[None]:
-    """The gradient builder logs every graph pass at INFO unless its SessionOptions say not to."""
-    from onnxruntime import SessionOptions
-    from onnxruntime.training.onnxblock import _training_graph_utils
-
-    def quiet() -> SessionOptions:
-        options = SessionOptions()
-        options.log_severity_level = 3
-        return options
-
-    with mock.patch.object(_training_graph_utils, "SessionOptions", quiet):
-        yield
-
-
-def _add_masks(path: Path, masks: dict[str, str], costs: dict[str, LayerCost]) -> str:
-    """Insert ``Mul(<param>_grad, mask::<param>)`` before each masked gradient's accumulator;
-    return the name of the loss output."""
-    model = onnx.load(path)
-    graph = model.graph
-    accumulators = {node.input[1]: node for node in graph.node if node.op_type == "InPlaceAccumulatorV2"}
-    mask_inputs = []
-    for mask, layer in masks.items():
-        grad = f"{layer}.weight_grad"
-        masked = f"{grad}.masked"
-        accumulators[grad].input[1] = masked
-        graph.node.append(helper.make_node("Mul", [grad, mask], [masked], name=f"Mask_{layer}"))
-        shape = mask_shape(costs[layer])
-        mask_inputs.append(helper.make_tensor_value_info(mask, onnx.TensorProto.FLOAT, shape))
-    user = [i for i in graph.input if i.name in (INPUT, LABELS)]
-    rest = [i for i in graph.input if i.name not in (INPUT, LABELS)]
-    del graph.input[:]
-    graph.input.extend([*user, *mask_inputs, *rest])
-    onnx.save(model, path)
-    return graph.output[0].name
-
-
-def _logits_only(path: Path) -> None:
-    """Drop the loss and the labels input from the eval model: ``predict`` needs images only."""
-    model = onnx.load(path)
-    graph = model.graph
-    keep_outputs = [o for o in graph.output if o.name == LOGITS]
-    del graph.output[:]
-    graph.output.extend(keep_outputs)
-    needed = {LOGITS}
-    nodes = []
-    for node in reversed(graph.node):
-        if needed.intersection(node.output):
-            nodes.append(node)
-            needed.update(node.input)
-    del graph.node[:]
-    graph.node.extend(reversed(nodes))
-    inputs = [i for i in graph.input if i.name in needed]
-    del graph.input[:]
-    graph.input.extend(inputs)
-    onnx.save(model, path)
+def forward_graph(model: nn.Module, trained: set[str], image_size: int, opset: int | None = None) -> onnx.ModelProto:
+    """The eval-mode forward of ``model`` without BatchNorm and with pads merged into convs;
+    ``trained`` layers keep their own weights (a BN after them becomes a constant affine)."""
+    graph = to_onnx(export_copy(model, trained), image_size, opset)
+    merge_pads(graph)
+    return graph
 
 
 @contextlib.contextmanager
@@ -407,17 +286,6 @@ def _stdout_fd_silenced() -> Iterator[None]:
         os.close(saved)
 
 
-def _ort_reason(exc: Exception) -> str:
-    """The useful part of an ORT error, with the layer a gradient is missing for."""
-    text = str(exc)
-    missing = re.search(r"has not been registered: (\S+) for node (\S+)", text)
-    if missing:
-        op, node = missing.groups()
-        layer = node.rsplit("/", 2)[-2] if node.count("/") >= 2 else node
-        return f"no gradient for op {op} in layer {layer!r} (node {node})"
-    return _first_line(text.rpartition(" was false. ")[2])
-
-
-def _first_line(text: str) -> str:
+def first_line(text: str) -> str:
     text = text.strip()
     return text.splitlines()[0] if text else "unknown error"
