@@ -21,8 +21,9 @@ from click.testing import CliRunner
 from fleet_harness import Fleet
 
 from edge_trady.cli import cli
+from edge_trady.core.slices import ChannelSlice
 from edge_trady.device.manifest import Manifest, hash_files
-from edge_trady.fleet.aggregate import entry_mask, gather, weight_layers
+from edge_trady.fleet.aggregate import entry_mask, weight_layers
 from edge_trady.fleet.partition import write_partitions
 from edge_trady.fleet.state import RunFolder
 from edge_trady.workstation.cost_trace import trace_layers
@@ -167,7 +168,7 @@ def test_uplink_carried_only_the_selected_slices(fleet_run, artifact: Path) -> N
             (entry,) = [r for r in fleet.node_log(client["node"]) if r["round"] == record["round"]]
             chosen = {f"{k}.weight": np.asarray(v) for k, v in entry["selection"]["channels"].items() if v}
             assert client["updated_channels"] == {name: len(c) for name, c in chosen.items()}
-            expected = {name: int(entry_mask(layers[name], c).sum()) for name, c in chosen.items()}
+            expected = {name: ChannelSlice(layers[name], c).size for name, c in chosen.items()}
             assert client["updated_values"] == expected
             assert client["dense"] == sorted(n for n in initial if n not in layers)  # the classifier only
             payload = 4 * sum(expected.values()) + 4 * sum(len(c) for c in chosen.values()) + head_bytes
@@ -195,10 +196,9 @@ def test_torch_sparse_and_ort_nodes_send_the_same_update(artifact: Path, parts: 
     assert sparse.slices.keys() == ort.slices.keys() and sparse.dense.keys() == ort.dense.keys()
     assert all(np.array_equal(p.channels, ort.slices[n].channels) for n, p in sparse.slices.items())
     layers = weight_layers(Manifest.load(artifact).plan.layer_costs)
-    start = {n: gather(state[n], layers[n], p.channels) for n, p in sparse.slices.items()} | {
-        n: state[n].ravel() for n in sparse.dense
-    }
-    sent = {engine: {n: p.values for n, p in u.slices.items()} | {n: a.ravel() for n, a in u.dense.items()}
+    start = {n: ChannelSlice(layers[n], p.channels).gather(state[n]).ravel() for n, p in sparse.slices.items()}
+    start |= {n: state[n].ravel() for n in sparse.dense}
+    sent = {engine: {n: p.values.ravel() for n, p in u.slices.items()} | {n: a.ravel() for n, a in u.dense.items()}
             for engine, u in updates.items()}  # fmt: skip
     moved = np.concatenate([sent["ort"][n] - start[n] for n in start])
     apart = np.concatenate([sent["ort"][n] - sent["torch-sparse"][n] for n in start])

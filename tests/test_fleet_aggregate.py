@@ -10,16 +10,9 @@ from hypothesis import strategies as st
 
 from edge_trady.core.layers import LayerCost
 from edge_trady.core.masks import channel_mask
+from edge_trady.core.slices import ChannelSlice
 from edge_trady.errors import FleetError
-from edge_trady.fleet.aggregate import (
-    ChannelSlice,
-    ClientUpdate,
-    aggregate,
-    check_update,
-    entry_mask,
-    gather,
-    weight_layers,
-)
+from edge_trady.fleet.aggregate import ClientUpdate, SliceUpdate, aggregate, check_update, entry_mask, weight_layers
 
 DENSE = LayerCost("conv", "conv", 6, 4, (3, 3), 1, (8, 8), (8, 8))
 DEPTHWISE = LayerCost("dw", "dwconv", 6, 6, (3, 3), 6, (8, 8), (8, 8))
@@ -38,9 +31,8 @@ def _update(rng: np.random.Generator, examples: int, chosen: dict[str, list[int]
     """A client that selected ``chosen`` channels and moved their entries (and the head) at random."""
     slices = {}
     for name, channels in chosen.items():
-        index = np.asarray(channels, np.int32)
-        count = int(entry_mask(LAYERS[name], index).sum())
-        slices[name] = ChannelSlice(index, rng.standard_normal(count).astype(np.float32))
+        shape = ChannelSlice(LAYERS[name], channels).shape
+        slices[name] = SliceUpdate(np.asarray(channels, np.int32), rng.standard_normal(shape).astype(np.float32))
     dense = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in HEAD.items()}
     return ClientUpdate(examples, slices, dense)
 
@@ -59,14 +51,19 @@ def _expected(state, updates) -> dict[str, np.ndarray]:
     out = {name: array.copy() for name, array in state.items()}
     for name, layer in LAYERS.items():
         owner = _input_channel_of_entries(layer)
+        sent = []  # each client's values placed on the whole weight (NaN: not sent)
+        for update in updates:
+            full = np.full(layer.weight_shape, np.nan, np.float32)
+            if name in update.slices:
+                ChannelSlice(layer, update.slices[name].channels).scatter_(full, update.slices[name].values)
+            sent.append(full)
         for index in np.ndindex(layer.weight_shape):
             values, weights = [], []
-            for update in updates:
+            for update, full in zip(updates, sent, strict=True):
                 part = update.slices.get(name)
                 if part is not None and owner[index] in part.channels:
-                    position = int(np.flatnonzero(entry_mask(layer, part.channels))
-                                   .tolist().index(np.ravel_multi_index(index, layer.weight_shape)))  # fmt: skip
-                    values.append(float(part.values[position]))
+                    assert not np.isnan(full[index])
+                    values.append(float(full[index]))
                     weights.append(update.examples)
             if weights:
                 out[name][index] = np.float32(np.dot(values, weights) / sum(weights))
@@ -78,11 +75,13 @@ def _expected(state, updates) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("layer", [DENSE, DEPTHWISE, GROUPED, LINEAR], ids=lambda x: x.kind)
 def test_entries_of_a_channel_are_the_mask_of_every_engine(layer: LayerCost) -> None:
+    """The slice a client sends holds exactly the entries the engines' gradient masks train."""
     owner = _input_channel_of_entries(layer)
     channels = np.array([0, 3, 4])
     assert np.array_equal(entry_mask(layer, channels), np.isin(owner, channels))
     weight = np.arange(np.prod(layer.weight_shape), dtype=np.float32).reshape(layer.weight_shape)
-    assert np.array_equal(gather(weight, layer, channels), weight[np.isin(owner, channels)])  # C order
+    sent = ChannelSlice(layer, channels).gather(weight)
+    assert sorted(sent.ravel()) == sorted(weight[np.isin(owner, channels)])
 
 
 def test_overlapping_selections_average_per_entry_weighted_by_examples() -> None:
@@ -118,8 +117,8 @@ def test_untouched_entries_keep_their_bits_and_a_lone_client_is_copied_exactly()
         assert np.array_equal(result.state[name][~touched].view(np.uint32), state[name][~touched].view(np.uint32))
         for update in updates:  # one client per entry here: its value, bit for bit
             if name in update.slices:
-                mask = entry_mask(layer, update.slices[name].channels)
-                assert np.array_equal(result.state[name][mask], update.slices[name].values)
+                part = update.slices[name]
+                assert np.array_equal(ChannelSlice(layer, part.channels).gather(result.state[name]), part.values)
     assert result.touched["grouped.weight"] == result.touched["fc.weight"] == 0
 
 
@@ -129,7 +128,8 @@ def test_weights_are_example_counts() -> None:
     a, b = _update(rng, 1, {"fc.weight": [2]}), _update(rng, 3, {"fc.weight": [2]})
     result = aggregate(state, [a, b], LAYERS)
     column = result.state["fc.weight"][:, 2]
-    np.testing.assert_allclose(column, (a.slices["fc.weight"].values + 3 * b.slices["fc.weight"].values) / 4, 1e-6)
+    sent = [u.slices["fc.weight"].values[:, 0] for u in (a, b)]
+    np.testing.assert_allclose(column, (sent[0] + 3 * sent[1]) / 4, 1e-6)
     np.testing.assert_allclose(result.state["head.bias"], (a.dense["head.bias"] + 3 * b.dense["head.bias"]) / 4, 1e-6)
 
 
@@ -164,7 +164,8 @@ def test_aggregate_matches_the_entry_by_entry_definition(seed: int, picks) -> No
         (lambda u: setattr(u.slices["conv.weight"], "channels", np.array([1, 1], np.int32)), "sorted, unique"),
         (lambda u: setattr(u.slices["conv.weight"], "channels", np.array([1, 6], np.int32)), "below 6"),
         (lambda u: setattr(u.slices["conv.weight"], "values", u.slices["conv.weight"].values[1:]), "expected"),
-        (lambda u: u.slices["conv.weight"].values.__setitem__(0, np.nan), "non-finite"),
+        (lambda u: setattr(u.slices["conv.weight"], "values", u.slices["conv.weight"].values.ravel()), "expected"),
+        (lambda u: u.slices["conv.weight"].values.__setitem__((0, 0), np.nan), "non-finite"),
         (lambda u: u.dense.update({"head.bias": np.zeros(9, np.float32)}), r"expected \(10,\)"),
         (lambda u: u.dense.update({"conv.weight": np.zeros(DENSE.weight_shape, np.float32)}), "not a classifier"),
         (lambda u: u.dense["head.weight"].__setitem__((0, 0), np.inf), "non-finite"),

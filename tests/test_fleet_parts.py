@@ -13,7 +13,7 @@ from flwr.common.config import parse_config_args
 
 from edge_trady.errors import FleetError
 from edge_trady.fleet import launch
-from edge_trady.fleet.aggregate import ChannelSlice, ClientUpdate
+from edge_trady.fleet.aggregate import ClientUpdate, SliceUpdate
 from edge_trady.fleet.client import NodeSettings, node_seed
 from edge_trady.fleet.partition import split_indices
 from edge_trady.fleet.protocol import (
@@ -33,7 +33,7 @@ def test_update_round_trips_bit_for_bit_and_carries_nothing_else() -> None:
     rng = np.random.default_rng(0)
     update = ClientUpdate(
         12,
-        {"a.weight": ChannelSlice(np.array([1, 4], np.int32), rng.standard_normal(6).astype(np.float32))},
+        {"a.weight": SliceUpdate(np.array([1, 4], np.int32), rng.standard_normal((3, 2)).astype(np.float32))},
         {"head.weight": rng.standard_normal((3, 2)).astype(np.float32), "head.bias": np.zeros(3, np.float32)},
     )
     record = encode_update(update)

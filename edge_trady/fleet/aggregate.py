@@ -1,13 +1,11 @@
 """Aggregation of sparse client updates into the global model (numpy only, no Flower).
 
 A client sends, for each candidate layer it trained this round, the input channels it selected and
-the new values of the weight entries of those channels (``gather`` order), plus the whole
-classifier. Per weight entry, the new global value is the example-weighted mean of the values of
-the clients that updated that entry; an entry no client touched keeps its value bit for bit. The
-classifier (sent by every client) is plain FedAvg over all of them.
-
-Entries of an input channel (``core.masks.channel_mask``): dense conv ``W[:, c]``, grouped and
-depthwise conv the rows of ``c``'s group at column ``c % (C/g)``, linear ``W[:, c]``.
+the new values of the weight entries of those channels (a ``core.slices.ChannelSlice``: dense conv
+``W[:, S]``, grouped / depthwise conv the rows of each channel's group, linear ``W[:, S]``), plus
+the whole classifier. Per weight entry, the new global value is the example-weighted mean of the
+values of the clients that updated that entry; an entry no client touched keeps its value bit for
+bit. The classifier (sent by every client) is plain FedAvg over all of them.
 """
 
 from __future__ import annotations
@@ -18,16 +16,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..core.layers import LayerCost
-from ..core.masks import channel_mask
+from ..core.slices import ChannelSlice
 from ..errors import FleetError
 
 
 @dataclass
-class ChannelSlice:
-    """The entries of a layer's weight that belong to ``channels``, in ``gather`` order."""
+class SliceUpdate:
+    """A client's new values of the weight entries of ``channels`` (``ChannelSlice`` layout)."""
 
     channels: np.ndarray  # int32 (as sent), sorted, unique input channels
-    values: np.ndarray  # float32, 1-D
+    values: np.ndarray  # float32, shaped ChannelSlice(layer, channels).shape
 
 
 @dataclass
@@ -35,7 +33,7 @@ class ClientUpdate:
     """What one client sends back after a round."""
 
     examples: int  # training images this round (the aggregation weight)
-    slices: dict[str, ChannelSlice]  # weight parameter of a candidate layer -> its selected entries
+    slices: dict[str, SliceUpdate]  # weight parameter of a candidate layer -> its selected entries
     dense: dict[str, np.ndarray]  # parameters sent whole: the classifier's weight and bias
 
     @property
@@ -57,13 +55,10 @@ class RoundAggregate:
 
 def entry_mask(layer: LayerCost, channels: np.ndarray) -> np.ndarray:
     """bool mask over ``layer``'s whole weight: True on the entries of the input ``channels``."""
-    mask = channel_mask(layer, channels) > 0
-    return np.broadcast_to(mask, layer.weight_shape)
-
-
-def gather(weight: np.ndarray, layer: LayerCost, channels: np.ndarray) -> np.ndarray:
-    """The entries of ``channels`` (1-D, C order of the weight)."""
-    return np.ascontiguousarray(weight[entry_mask(layer, channels)], dtype=np.float32)
+    part = ChannelSlice(layer, channels)
+    mask = np.zeros(layer.weight_shape, dtype=bool)
+    part.scatter_(mask, np.ones(part.shape, dtype=bool))
+    return mask
 
 
 def weight_layers(layers: Sequence[LayerCost]) -> dict[str, LayerCost]:
@@ -84,11 +79,11 @@ def check_update(update: ClientUpdate, state: Mapping[str, np.ndarray], layers: 
             raise FleetError(f"{name}: channels must be a non-empty 1-D integer array")
         if channels.min() < 0 or channels.max() >= layer.in_channels or np.any(np.diff(channels) <= 0):
             raise FleetError(f"{name}: channels must be sorted, unique and below {layer.in_channels}")
-        expected = int(entry_mask(layer, channels).sum())
-        if part.values.shape != (expected,) or part.values.dtype != np.float32:
+        expected = ChannelSlice(layer, channels).shape
+        if part.values.shape != expected or part.values.dtype != np.float32:
             raise FleetError(
                 f"{name}: {part.values.shape} {part.values.dtype} values for {len(channels)} channels, "
-                f"expected ({expected},) float32"
+                f"expected {expected} float32"
             )
         if not np.isfinite(part.values).all():
             raise FleetError(f"{name}: the update has non-finite values (the client diverged)")
@@ -116,9 +111,9 @@ def aggregate(
             part = update.slices.get(name)
             if part is None:
                 continue
-            mask = entry_mask(layer, part.channels)
-            total[mask] += update.examples * part.values.astype(np.float64)
-            weight[mask] += update.examples
+            entries = ChannelSlice(layer, part.channels)
+            entries.add_(total, update.examples * part.values.astype(np.float64))
+            entries.add_(weight, np.full(entries.shape, float(update.examples)))
         hit = weight > 0
         new[name][hit] = (total[hit] / weight[hit]).astype(np.float32)
         touched[name] = int(hit.sum())

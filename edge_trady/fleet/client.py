@@ -24,13 +24,14 @@ from ..core.atomic import append_line
 from ..core.layers import LayerCost
 from ..core.schedule import make_schedule
 from ..core.selection import Selection
+from ..core.slices import ChannelSlice
 from ..device.data import Dataset, epoch_order
 from ..device.loop import evaluate
 from ..device.manifest import Manifest
 from ..device.memwatch import peak_rss_bytes
 from ..device.runner import RunRequest, load_data, plan_sampler
 from ..errors import ArtifactError, FleetError
-from .aggregate import ChannelSlice, ClientUpdate, gather, weight_layers
+from .aggregate import ClientUpdate, SliceUpdate, weight_layers
 from .engines import FleetEngine, open_engine, resolve_engine
 from .protocol import ClientReport, RoundTask
 
@@ -158,7 +159,7 @@ def sparse_update(
     other trainable tensor (the classifier) whole, from ``state``."""
     chosen = {f"{name}.weight": channels for name, channels in selection.channels.items() if len(channels)}
     slices = {
-        name: ChannelSlice(np.asarray(channels, np.int32), gather(state[name], layers[name], channels))
+        name: SliceUpdate(np.asarray(channels, np.int32), ChannelSlice(layers[name], channels).gather(state[name]))
         for name, channels in chosen.items()
     }
     dense = {name: array for name, array in state.items() if name not in layers}

@@ -8,8 +8,9 @@ Downlink, one ``train`` message per node and round:
 Uplink, the reply:
 
 - ``update`` (ArrayRecord): for each candidate layer the client trained, ``<param>@channels`` (int32
-  input channels) and ``<param>@values`` (float32 entries of those channels, ``aggregate.gather``
-  order); the classifier's parameters whole, under their own names. Never a frozen entry.
+  input channels) and ``<param>@values`` (float32 entries of those channels, as a
+  ``core.slices.ChannelSlice`` lays them out); the classifier's parameters whole, under their own
+  names. Never a frozen entry.
 - ``report`` (MetricRecord): ``num-examples`` and the client's numbers (``ClientReport``);
 - ``info`` (ConfigRecord): ``status`` ("ok" or "refused"), ``reason``, node name, engine, version.
 """
@@ -23,7 +24,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from ..errors import FleetError
-from .aggregate import ChannelSlice, ClientUpdate
+from .aggregate import ClientUpdate, SliceUpdate
 
 PROTOCOL_VERSION = 1
 GLOBAL, TASK, UPDATE, REPORT, INFO = "global", "task", "update", "report", "info"
@@ -109,7 +110,7 @@ def decode_update(record: ArrayRecord, examples: int) -> ClientUpdate:
         channels, values = arrays.pop(name + CHANNELS, None), arrays.pop(name + VALUES, None)
         if channels is None or values is None:
             raise FleetError(f"update of {name!r} has {'values' if channels is None else 'channels'} only")
-        slices[name] = ChannelSlice(channels, values)
+        slices[name] = SliceUpdate(channels, values)
     return ClientUpdate(int(examples), slices, arrays)
 
 

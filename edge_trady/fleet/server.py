@@ -227,7 +227,7 @@ class FleetServer:
                     "uplink_bytes": record.count_bytes(),
                     "uplink_payload_bytes": update.payload_bytes,
                     "updated_channels": {name: len(part.channels) for name, part in update.slices.items()},
-                    "updated_values": {name: len(part.values) for name, part in update.slices.items()},
+                    "updated_values": {name: part.values.size for name, part in update.slices.items()},
                     "dense": sorted(update.dense),
                 }
             )
