@@ -37,6 +37,9 @@ FROM ${BASE_IMAGE} AS builder
 # torch : .[torch] -> PyTorch engines; reuses a torch already in the base (Jetson images)
 # none  : the device-side package only (profile / data tools)
 ARG ENGINE=ort
+# More extras of edge-trady to install, comma separated: e.g. EXTRAS=fleet (Flower, for a fleet
+# node: deploy/fleet/).
+ARG EXTRAS=
 # ENGINE=torch (unless the base already has torch): which torch to install. Pinned because the
 # PyPI aarch64 wheels from torch 2.11 on depend on the CUDA 13 libraries (several GB, useless on
 # a Pi); up to 2.10 they are CPU-only. On x86_64 every PyPI torch pulls CUDA: use the PyTorch CPU
@@ -64,19 +67,20 @@ RUN printf '%s\n' \
       'fi' \
       > /usr/local/bin/with-pipconf.sh
 
-# 1) dependencies only (cached until pyproject.toml or ENGINE change)
+# 1) dependencies only (cached until pyproject.toml, ENGINE or EXTRAS change)
 WORKDIR /src
 COPY pyproject.toml ./
 RUN set -eu; . /usr/local/bin/with-pipconf.sh; \
-    venv_opts=""; extra=""; torch_spec=""; \
+    venv_opts=""; extras=""; torch_spec=""; \
     case "$ENGINE" in \
-      ort) extra="[ort]" ;; \
+      ort) extras="ort" ;; \
       torch) if python3 -c "import torch" 2>/dev/null; then \
                echo "torch found in the base image: reusing it"; venv_opts="--system-site-packages"; \
-             else extra="[torch]"; torch_spec="$TORCH_SPEC"; fi ;; \
+             else extras="torch"; torch_spec="$TORCH_SPEC"; fi ;; \
       none) ;; \
       *) echo "unknown ENGINE=$ENGINE (ort|torch|none)" >&2; exit 2 ;; \
     esac; \
+    extras="$extras${extras:+${EXTRAS:+,}}$EXTRAS"; extra="${extras:+[$extras]}"; \
     python3 -m venv $venv_opts /opt/venv; \
     /opt/venv/bin/pip install --upgrade pip setuptools wheel; \
     torch_index=""; [ -z "$TORCH_INDEX_URL" ] || torch_index="--extra-index-url $TORCH_INDEX_URL"; \

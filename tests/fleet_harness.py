@@ -72,7 +72,7 @@ class Fleet:
             label, "server", str(artifact), "--out", str(out), "--insecure", "--port", str(self.port), *args
         )
 
-    def node(self, label: str, artifact: Path, data: Path, *args: str, block_torch: bool = False):
+    def node(self, label: str, artifact: Path, data: Path, *args: str, block_torch: bool = False, insecure=True):
         return self.start(
             label,
             "node",
@@ -85,7 +85,7 @@ class Fleet:
             str(self.root / "nodes" / label),
             "--superlink",
             f"127.0.0.1:{self.port}",
-            "--insecure",
+            *(["--insecure"] if insecure else []),
             "--runtime-port",
             str(free_port()),
             *args,
@@ -156,3 +156,57 @@ class Fleet:
             text = flower.read_text(errors="replace").splitlines()
             parts.append(f"--- {flower} (last {lines} lines)\n" + "\n".join(text[-lines:]))
         return "\n".join(parts)
+
+
+def write_credentials(directory: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 / localhost, and a P-384 node key pair (OpenSSH),
+    as docs/fleet.md makes them with openssl and ssh-keygen."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def certificate(subject: str, key, issuer: x509.Name, signer, ca: bool) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, server_key, node_key = (ec.generate_private_key(ec.SECP384R1()) for _ in range(3))
+    ca = certificate(
+        "edge-trady test CA",
+        ca_key,
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "edge-trady test CA")]),
+        ca_key,
+        True,
+    )  # noqa: E501
+    server = certificate("localhost", server_key, ca.subject, ca_key, False)
+    pem = serialization.Encoding.PEM
+    paths = {name: directory / name for name in ("ca.crt", "server.pem", "server.key", "node-key", "node-key.pub")}
+    paths["ca.crt"].write_bytes(ca.public_bytes(pem))
+    paths["server.pem"].write_bytes(server.public_bytes(pem))
+    plain = serialization.NoEncryption()
+    paths["server.key"].write_bytes(
+        server_key.private_bytes(pem, serialization.PrivateFormat.TraditionalOpenSSL, plain)
+    )
+    paths["node-key"].write_bytes(node_key.private_bytes(pem, serialization.PrivateFormat.OpenSSH, plain))
+    paths["node-key.pub"].write_bytes(
+        node_key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
+    return paths

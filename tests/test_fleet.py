@@ -182,7 +182,7 @@ def test_torch_sparse_and_ort_nodes_send_the_same_update(artifact: Path, parts: 
     """Both engines start from the artifact's tensors and train the same selection on the same batches."""
     from edge_trady.engines.ort_training import OrtEngine
     from edge_trady.fleet.client import NodeSettings, train_round
-    from edge_trady.fleet.protocol import RoundTask
+    from edge_trady.fleet.task import RoundTask
 
     state = OrtEngine(artifact).trainable_state()
     built = build_model(MODEL, 10, SIZE)
@@ -239,3 +239,33 @@ def test_killed_node_rejoins_and_restarted_server_continues(root: Path, artifact
     assert "continuing after round 3/4" in (fleet.root / "server-again.log").read_text()
     assert folder.status()["state"] == "finished"
     assert records[-1]["val_acc"] > records[0]["val_acc"] + 0.2, [r["val_acc"] for r in records]
+
+
+@pytest.mark.slow
+def test_tls_and_node_authentication(root: Path, artifact: Path, parts: list[Path]) -> None:
+    """The documented secure setup on 127.0.0.1: TLS, node authentication with a registered key; a
+    node whose key is not registered never joins."""
+    from fleet_harness import write_credentials
+
+    keys = write_credentials(root / "secure" / "credentials")
+    stranger = write_credentials(root / "secure" / "stranger")
+    fleet = Fleet(root / "secure")
+    out = root / "secure" / "out"
+    try:
+        fleet.start(
+            "server", "server", str(artifact), "--out", str(out), "--port", str(fleet.port), "--rounds", "1",
+            "--min-clients", "1", "--wait-timeout", "150", "--ssl-ca-certfile", str(keys["ca.crt"]),
+            "--ssl-certfile", str(keys["server.pem"]), "--ssl-keyfile", str(keys["server.key"]), "--node-auth",
+            "--register-key", str(keys["node-key.pub"]),
+        )  # fmt: skip
+        secure = ["--root-certificates", str(keys["ca.crt"])]
+        fleet.wait_for(lambda: "registered" in (fleet.root / "server.log").read_text(), 120, "the key registered")
+        fleet.node("dev0", artifact, parts[0], *secure, "--auth-key", str(keys["node-key"]), insecure=False)
+        fleet.node("stranger", artifact, parts[1], *secure, "--auth-key", str(stranger["node-key"]), insecure=False)
+        assert fleet.wait_exit("server", 300) == 0, fleet.logs()
+    finally:
+        fleet.close()
+    (record,) = RunFolder(out).records()[1:]
+    assert [c["node"] for c in record["clients"]] == ["dev0"] and record["nodes"] == 1
+    assert "--insecure" not in (out / "flower" / "logs" / "superlink.log").read_text()
+    assert not (fleet.root / "nodes" / "stranger" / "rounds.jsonl").exists()

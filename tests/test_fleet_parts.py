@@ -17,16 +17,18 @@ from edge_trady.fleet.aggregate import ClientUpdate, SliceUpdate
 from edge_trady.fleet.client import NodeSettings, node_seed
 from edge_trady.fleet.partition import split_indices
 from edge_trady.fleet.protocol import (
-    PROTOCOL_VERSION,
-    ClientReport,
-    RoundTask,
     decode_state,
     decode_update,
     encode_state,
     encode_update,
+    read_report,
+    read_task,
+    report_record,
+    task_record,
 )
 from edge_trady.fleet.server import FleetConfig
 from edge_trady.fleet.state import FleetRun, RunFolder
+from edge_trady.fleet.task import PROTOCOL_VERSION, ClientReport, RoundTask
 
 
 def test_update_round_trips_bit_for_bit_and_carries_nothing_else() -> None:
@@ -52,13 +54,13 @@ def test_state_task_and_report_round_trip() -> None:
     state = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
     assert np.array_equal(decode_state(encode_state(state))["w"], state["w"])
     task = RoundTask(2, 5, 1, "ab" * 32)
-    assert RoundTask.from_record(task.to_record()) == task
+    assert read_task(task_record(task)) == task
     report = ClientReport(10, 0.5, 0.25, 4, 1.0, 0.5, 7, 99, 1.5, 123)
-    assert ClientReport.from_record(report.to_record()) == report
-    assert report.to_record()["num-examples"] == 10
-    newer = {**task.to_record(), "protocol": PROTOCOL_VERSION + 1}
+    assert read_report(report_record(report)) == report
+    assert report_record(report)["num-examples"] == 10
+    newer = {**task_record(task), "protocol": PROTOCOL_VERSION + 1}
     with pytest.raises(FleetError, match="same edge-trady version"):
-        RoundTask.from_record(newer)
+        read_task(newer)
 
 
 def test_node_settings_survive_flowers_node_config_parser(tmp_path: Path) -> None:
@@ -205,3 +207,24 @@ def test_fleet_cli_fails_on_one_line(tmp_path: Path, args: list[str], message: s
     argv = [a.format(art=tmp_path / "art", tmp=tmp_path) for a in args]
     done = subprocess.run([sys.executable, "-m", "edge_trady", "fleet", *argv], capture_output=True, text=True)
     assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_fleet_plan_adds_flowers_processes_as_parts_of_their_own() -> None:
+    from edge_trady.core.memory import FLEET_DAEMONS_BYTES, FLEET_STATE_COPIES
+    from edge_trady.device.profile import load_profile
+    from edge_trady.device.progress import Progress
+    from edge_trady.workstation.planner import PlanRequest, make_plan
+
+    request = PlanRequest(
+        model="mobilenetv2-w0.35", profile=load_profile("this-workstation"), image_size=32, batch_size=8,
+        method="d-full-random", budget="5%", num_classes=4,
+    )  # fmt: skip
+    alone, fleet = (make_plan(PlanRequest(**{**request.__dict__, "fleet": f}), Progress(True)) for f in (False, True))
+    added = {p.name for p in fleet.estimate.parts} - {p.name for p in alone.estimate.parts}
+    assert added == {"fleet: SuperNode + SuperExec", "fleet: Flower in the ClientApp", "fleet: global tensors received"}
+    parts = {p.name: p for p in fleet.estimate.parts}
+    trainable = 4 * sum(layer.weight_count for layer in fleet.layer_costs)
+    trainable += 4 * (fleet.classifier_cost.weight_count + fleet.classifier_cost.out_channels)
+    assert parts["fleet: global tensors received"].bytes == FLEET_STATE_COPIES * trainable
+    assert parts["fleet: SuperNode + SuperExec"].bytes == FLEET_DAEMONS_BYTES
+    assert fleet.estimate.peak_bytes - alone.estimate.peak_bytes >= FLEET_DAEMONS_BYTES

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 from pathlib import Path
 
 import click
 
+from ..device.loop import Stopped
 from ..errors import FleetError
 
 
@@ -59,7 +61,14 @@ def _tls_options(fn):
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the SuperLink listens on.")
 @click.option("--port", type=click.IntRange(1, 65535), default=9092, show_default=True)
 @_tls_options
-@click.option("--node-auth", is_flag=True, help="Accept only SuperNodes registered with 'flwr supernode register'.")
+@click.option("--node-auth", is_flag=True, help="Accept only registered SuperNodes (needs TLS; see --register-key).")
+@click.option(
+    "--register-key",
+    "register_keys",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="A node's public key (ssh-keygen -t ecdsa -b 384) to register once the SuperLink is up; repeatable.",
+)
 @click.option(
     "--superlink",
     default=None,
@@ -85,6 +94,7 @@ def server(
     ssl_certfile: str | None,
     ssl_keyfile: str | None,
     node_auth: bool,
+    register_keys: tuple[str, ...],
     superlink: str | None,
     quiet: bool,
 ) -> None:
@@ -106,6 +116,8 @@ def server(
     address = superlink or f"{host}:{port}"
     link_host, link_port = launch.split_address(address)
     launch.check_security(link_host, insecure, tls)
+    if node_auth and tls is None:
+        raise FleetError("--node-auth needs TLS (Flower authenticates nodes only over TLS connections)")
     manifest = Manifest.load(Path(artifact))
     out = Path(out_dir).resolve()
     config = FleetConfig(
@@ -136,6 +148,8 @@ def server(
         + f"; Flower logs in {flower / 'logs'}"
     )
     link = None
+    stopped = False
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # systemd / kill: clean up as for Ctrl-C
     try:
         if superlink is None:
             log = flower / "logs" / "superlink.log"
@@ -143,11 +157,21 @@ def server(
             link = launch.start(command_line, log, env)
             launch.wait_for_port(host, port, link, log)
             say(f"fleet: SuperLink listening on {host}:{port} (PID {link.pid}); start the devices' nodes")
+        for key in register_keys:
+            say(f"fleet: {launch.register_node(Path(key), env)}")
         _follow_run(app, flower / "logs" / "run.log", env, say)
+    except KeyboardInterrupt:
+        stopped = True
     finally:
+        signal.signal(signal.SIGTERM, previous)
         if link is not None:
             launch.stop(link)
     status = folder.status()
+    if stopped:
+        raise Stopped(
+            f"stopped after round {status.get('round', 0)} of {rounds}; run the same command to continue"
+            + ("" if link else " (the run goes on on the SuperLink: 'flwr stop' ends it)")
+        )
     if status.get("state") == "failed":
         raise FleetError(status.get("error", "the run failed"))
     if status.get("state") != "finished":
@@ -156,6 +180,10 @@ def server(
             f"({launch.tail(flower / 'logs' / 'run.log', 3)}); run the same command to continue"
         )
     say(f"fleet: done; global model in {out / 'model.onnx'}")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _follow_run(app: Path, log: Path, env: dict, say) -> None:

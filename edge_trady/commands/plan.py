@@ -53,6 +53,12 @@ from .options import model_options
 @click.option("--lr", type=float, default=0.125, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overflow", type=click.Choice(OVERFLOW_POLICIES), default="skip", show_default=True)
+@click.option(
+    "--fleet",
+    is_flag=True,
+    help="Plan for a fleet node ('edge-trady fleet node'): add Flower's SuperNode, SuperExec and "
+    "ClientApp memory to the prediction.",
+)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default="plan.json", show_default=True)
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a bar chart PNG of memory by part.")
 @click.option("--quiet", is_flag=True)
@@ -74,6 +80,7 @@ def command(
     lr,
     seed,
     overflow,
+    fleet,
     output,
     plot,
     quiet,
@@ -106,6 +113,7 @@ def command(
         train_images=train_images,
         seed=seed,
         overflow=overflow,
+        fleet=fleet,
         epochs=epochs,
         lr=lr,
         threshold=threshold,

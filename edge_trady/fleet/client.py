@@ -33,7 +33,7 @@ from ..device.runner import RunRequest, load_data, plan_sampler
 from ..errors import ArtifactError, FleetError
 from .aggregate import ClientUpdate, SliceUpdate, weight_layers
 from .engines import FleetEngine, open_engine, resolve_engine
-from .protocol import ClientReport, RoundTask
+from .task import ClientReport, RoundTask
 
 NODE_LOG = "rounds.jsonl"
 

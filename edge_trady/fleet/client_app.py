@@ -16,7 +16,7 @@ from .. import __version__
 from ..errors import EdgeTradyError
 from .client import NodeSettings, train_round
 from .engines import resolve_engine
-from .protocol import GLOBAL, TASK, RoundTask, decode_state, refusal_content, reply_content
+from .protocol import GLOBAL, TASK, decode_state, read_task, refusal_content, reply_content
 
 app = ClientApp()
 
@@ -28,7 +28,7 @@ def train(msg: Message, context: Context) -> Message:
     try:
         settings = NodeSettings.from_config(config)
         settings = dataclasses.replace(settings, engine=resolve_engine(settings.engine))
-        task = RoundTask.from_record(msg.content[TASK])
+        task = read_task(msg.content[TASK])
         update, report = train_round(settings, task, decode_state(msg.content[GLOBAL]))
     except EdgeTradyError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -199,6 +199,23 @@ def write_connection(home: Path, address: str, insecure: bool, root_certificates
     (home / "config.toml").write_text("\n".join(lines) + "\n")
 
 
+def register_node(public_key: Path, env: dict[str, str]) -> str:
+    """``flwr supernode register`` on the connection of ``env``'s FLWR_HOME; a key registered
+    before (the SuperLink's database keeps them) is fine. Returns what happened."""
+    command = [flower_tool("flwr"), "supernode", "register", str(public_key), CONNECTION, "--format", "json"]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    try:
+        answer = json.loads(done.stdout)
+    except ValueError:
+        answer = {"success": False, "error-message": (done.stdout + done.stderr).strip()[-300:]}
+    if answer.get("success"):
+        return f"registered {public_key} (node ID {answer.get('node-id')})"
+    problem = str(answer.get("error-message", "unknown error"))
+    if "already in use" in problem:
+        return f"{public_key} is registered already"
+    raise FleetError(f"cannot register {public_key}: {problem.splitlines()[-1]}")
+
+
 def start(command: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
     """Start ``command`` (in its own session: a Ctrl-C goes to edge-trady, which stops it), output to ``log``."""
     log.parent.mkdir(parents=True, exist_ok=True)

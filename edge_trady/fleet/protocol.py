@@ -3,7 +3,7 @@
 Downlink, one ``train`` message per node and round:
 
 - ``global`` (ArrayRecord): every trainable tensor of the artifact, by parameter name;
-- ``task`` (ConfigRecord): ``RoundTask`` (protocol version, round, rounds, local epochs, artifact hash).
+- ``task`` (ConfigRecord): ``task.RoundTask`` (protocol version, round, rounds, local epochs, artifact hash).
 
 Uplink, the reply:
 
@@ -11,76 +11,44 @@ Uplink, the reply:
   input channels) and ``<param>@values`` (float32 entries of those channels, as a
   ``core.slices.ChannelSlice`` lays them out); the classifier's parameters whole, under their own
   names. Never a frozen entry.
-- ``report`` (MetricRecord): ``num-examples`` and the client's numbers (``ClientReport``);
+- ``report`` (MetricRecord): ``num-examples`` and the client's numbers (``task.ClientReport``);
 - ``info`` (ConfigRecord): ``status`` ("ok" or "refused"), ``reason``, node name, engine, version.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from ..errors import FleetError
 from .aggregate import ClientUpdate, SliceUpdate
+from .task import ClientReport, RoundTask
 
-PROTOCOL_VERSION = 1
 GLOBAL, TASK, UPDATE, REPORT, INFO = "global", "task", "update", "report", "info"
 CHANNELS, VALUES = "@channels", "@values"
-EXAMPLES = "num-examples"
+EXAMPLES = "num-examples"  # Flower's name for the aggregation weight
 
 
-@dataclass(frozen=True)
-class RoundTask:
-    """What the server asks of every node in a round."""
-
-    round: int  # 1-based
-    rounds: int
-    local_epochs: int
-    artifact_sha256: str
-    protocol: int = PROTOCOL_VERSION
-
-    def to_record(self) -> ConfigRecord:
-        return ConfigRecord(asdict(self))
-
-    @classmethod
-    def from_record(cls, record: Mapping) -> RoundTask:
-        protocol = record.get("protocol")
-        if protocol != PROTOCOL_VERSION:
-            raise FleetError(
-                f"the server speaks fleet protocol {protocol!r}, this edge-trady speaks {PROTOCOL_VERSION}: "
-                "install the same edge-trady version on the server and the devices"
-            )
-        return cls(**{f.name: record[f.name] for f in fields(cls)})
+def task_record(task: RoundTask) -> ConfigRecord:
+    return ConfigRecord(task.to_dict())
 
 
-@dataclass
-class ClientReport:
-    """A client's numbers for one round (the MetricRecord of its reply)."""
+def read_task(record: Mapping) -> RoundTask:
+    return RoundTask.from_dict(dict(record))
 
-    examples: int
-    train_loss: float
-    train_acc: float
-    val_examples: int  # local validation images; the two below are of the global model received
-    val_loss: float
-    val_acc: float
-    channels: int  # input channels selected (candidate layers)
-    seed: int  # the selection's seed (node and plan seed), drawn with the round
-    seconds: float
-    peak_rss_bytes: int  # VmHWM of the ClientApp process
 
-    def to_record(self) -> MetricRecord:
-        values = asdict(self)
-        values[EXAMPLES] = values.pop("examples")
-        return MetricRecord(values)
+def report_record(report: ClientReport) -> MetricRecord:
+    values = report.to_dict()
+    values[EXAMPLES] = values.pop("examples")
+    return MetricRecord(values)
 
-    @classmethod
-    def from_record(cls, record: Mapping) -> ClientReport:
-        values = dict(record)
-        values["examples"] = values.pop(EXAMPLES)
-        return cls(**{f.name: values[f.name] for f in fields(cls)})
+
+def read_report(record: Mapping) -> ClientReport:
+    values = dict(record)
+    values["examples"] = values.pop(EXAMPLES)
+    return ClientReport.from_dict(values)
 
 
 def encode_state(state: Mapping[str, np.ndarray]) -> ArrayRecord:
@@ -115,12 +83,12 @@ def decode_update(record: ArrayRecord, examples: int) -> ClientUpdate:
 
 
 def train_content(state_record: ArrayRecord, task: RoundTask) -> RecordDict:
-    return RecordDict({GLOBAL: state_record, TASK: task.to_record()})
+    return RecordDict({GLOBAL: state_record, TASK: task_record(task)})
 
 
 def reply_content(update: ClientUpdate, report: ClientReport, info: dict) -> RecordDict:
     return RecordDict(
-        {UPDATE: encode_update(update), REPORT: report.to_record(), INFO: ConfigRecord({"status": "ok", **info})}
+        {UPDATE: encode_update(update), REPORT: report_record(report), INFO: ConfigRecord({"status": "ok", **info})}
     )
 
 

@@ -5,7 +5,8 @@ A round needs ``min_clients`` good updates. It ends when every node has answered
 refusal or Flower's "node unavailable" once a dead node misses its heartbeats) or after
 ``round_timeout``; with too few updates it is sent again (same seeds, same selections) up to
 ``attempts`` times. A node that refuses (another artifact, missing data) is left out for the rest of
-the run; a node that comes back under a new node ID takes part from the next round.
+the run; a node that comes back under a new node ID takes part from the next round. A node's name
+(``edge-trady fleet node --name``) seeds its selections and must be unique in the fleet.
 """
 
 from __future__ import annotations
@@ -20,15 +21,16 @@ from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 
 from ..core.atomic import replacing, write_json
-from ..device.data import Normalization, load_dataset
+from ..device.data import Normalization, evaluation_split, load_dataset
 from ..device.loop import evaluate
 from ..device.manifest import Manifest, ModelInfo
 from ..device.runner import check_data
 from ..errors import EdgeTradyError, FleetError
 from .aggregate import ClientUpdate, aggregate, check_update, weight_layers
 from .engines import open_engine
-from .protocol import INFO, REPORT, UPDATE, ClientReport, RoundTask, decode_update, encode_state, train_content
+from .protocol import INFO, REPORT, UPDATE, decode_update, encode_state, read_report, train_content
 from .state import MODEL_FILE, SUMMARY_FILE, FleetRun, RunFolder
+from .task import RoundTask
 
 POLL_SECONDS = 0.5
 TTL_MARGIN_SECONDS = 60.0  # a message outlives the round by this much, so a late reply is not lost
@@ -164,8 +166,7 @@ class FleetServer:
             time.sleep(POLL_SECONDS)
 
     def collect(self, grid: Grid, messages: list[Message]) -> dict[int, Message | str]:
-        """Each node's reply, or why there is none ("timed out", "replaced"). A node that answers
-        under a name a still-pending node ID had earlier is the same device restarted."""
+        """Each node's reply, or why there is none ("not delivered", "timed out")."""
         ids = list(grid.push_messages(messages))
         pending = {mid: msg.metadata.dst_node_id for mid, msg in zip(ids, messages, strict=True) if mid}
         replies: dict[int, Message | str] = {
@@ -175,16 +176,8 @@ class FleetServer:
         while pending and time.monotonic() < deadline:
             for reply in grid.pull_messages(list(pending)):
                 node = pending.pop(reply.metadata.reply_to_message_id, None)
-                if node is None:
-                    continue
-                replies[node] = reply
-                name = _reply_name(reply)
-                if name:
-                    self.names[node] = name
-                    for mid, other in list(pending.items()):
-                        if self.names.get(other) == name:
-                            replies[other] = "replaced by a restarted node of the same name"
-                            del pending[mid]
+                if node is not None:
+                    replies[node] = reply
             if pending:
                 time.sleep(POLL_SECONDS)
         replies.update({node: f"timed out after {self.config.round_timeout:.0f}s" for node in pending.values()})
@@ -204,13 +197,14 @@ class FleetServer:
                 lost.append({"node_id": node, "node": self.names.get(node), "error": reply.error.reason})
                 continue
             info = dict(reply.content[INFO])
+            self.names[node] = str(info.get("node"))
             if info.get("status") != "ok":
                 self.refused[node] = str(info.get("reason", "no reason given"))
                 refused.append({"node_id": node, "node": info.get("node"), "reason": self.refused[node]})
                 self.log(f"fleet: node {info.get('node')} ({node}) refused: {self.refused[node]}")
                 continue
             try:
-                report = ClientReport.from_record(reply.content[REPORT])
+                report = read_report(reply.content[REPORT])
                 record = reply.content[UPDATE]
                 update = decode_update(record, report.examples)
                 check_update(update, state, self.layers)
@@ -231,7 +225,11 @@ class FleetServer:
                     "dense": sorted(update.dense),
                 }
             )
-        return updates, {"clients": clients, "refused": refused, "lost": lost}
+        names = [c["node"] for c in clients]
+        twins = sorted({name for name in names if names.count(name) > 1})
+        if twins:  # same name, same seed: the same selection twice (and a restart looks like a twin)
+            self.log(f"fleet: several nodes named {', '.join(twins)}: give each device its own --name")
+        return updates, {"clients": clients, "refused": refused, "lost": lost, "same_name": twins}
 
     def finish(self, state: dict[str, np.ndarray]) -> dict:
         """Write the final model (``model.onnx`` + ``model.json``) and ``summary.json``."""
@@ -257,7 +255,9 @@ class FleetServer:
             return None
         plan = self.plan
         norm = Normalization.from_dict(self.manifest.normalization)
-        data = load_dataset(self.config.val, "val", plan.image_size, norm, self.config.val_per_class or None, plan.seed)
+        split = evaluation_split(self.config.val)  # as 'edge-trady evaluate' scores it
+        per_class = self.config.val_per_class or None
+        data = load_dataset(self.config.val, split, plan.image_size, norm, per_class, plan.seed)
         check_data(data, plan.num_classes, self.manifest.class_names, plan.image_size)
         return data
 
@@ -267,13 +267,6 @@ class FleetServer:
         self.engine.load_trainable_state(state)
         loss, accuracy = evaluate(self.engine, self.val, self.plan.batch_size)
         return {"val_loss": loss, "val_acc": accuracy, "val_images": len(self.val)}
-
-
-def _reply_name(reply: Message) -> str | None:
-    if reply.has_error():
-        return None
-    info = reply.content.get(INFO)
-    return info.get("node") if info is not None else None
 
 
 def _weighted(values: list[float], clients: list[dict]) -> float | None:

@@ -1,0 +1,205 @@
+"""Fleet fine-tuning against centralized TraDy, and its uplink against full-model FedAvg.
+
+EfficientNet-Lite0 (ImageNet-pretrained) on Fashion-MNIST, trady at the budget below, torch-sparse
+on every node. A fleet of real Flower processes on 127.0.0.1 (a SuperLink and one SuperNode per
+node) trains ROUNDS rounds of one local epoch on IID and on label-skewed (Dirichlet alpha) disjoint
+partitions; the centralized run (``edge-trady finetune --plan``, same engine) trains as many epochs
+on the union of the nodes' training images. Accuracy: the same test images (Fashion-MNIST t10k,
+VAL_PER_CLASS per class) after every round / epoch. Bytes: what each node's reply carried (Flower
+``ArrayRecord.count_bytes``) against a full-model FedAvg reply (the model's ``state_dict`` as one
+ArrayRecord, what Flower's PyTorch examples send).
+
+    nice -n 10 python bench/fleet.py
+
+Writes bench/results/fleet.csv (one row per setting and round), fleet.json (summary) and fleet.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from benchlib import RESULTS, cli
+from fleetlib import Fleet, make_artifact
+
+from edge_trady.device.data import IMAGENET, load_dataset
+from edge_trady.device.runlog import read_jsonl
+from edge_trady.fleet.partition import write_partitions
+from edge_trady.fleet.state import RunFolder
+
+MiB = 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=48)
+    parser.add_argument("--per-class", type=int, default=60, help="images per class, split across the nodes")
+    parser.add_argument("--budget", default="2%")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=0.125)
+    parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label skew")
+    parser.add_argument("--val-per-class", type=int, default=100)
+    parser.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temp folder)")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="fleet-bench-"))
+    artifact = make_artifact(work, args.image_size, args.budget, args.batch_size, args.lr)
+    rows, summary = [], {"settings": vars(args) | {"work": str(work)}, "fleets": {}}
+    for skew in ("iid", "labels"):
+        parts = write_partitions("fashion-mnist", args.nodes, work / f"parts-{skew}", args.image_size, skew,
+                                 args.per_class, args.alpha)  # fmt: skip
+        records = run_fleet(work / f"fleet-{skew}", artifact, [p.path for p in parts], args)
+        summary["fleets"][skew] = {"per_node_per_class": [p.per_class for p in parts]}
+        for record in records:
+            clients = record.get("clients", [])
+            rows.append({
+                "setting": f"fleet-{skew}", "round": record["round"], "val_acc": record["val_acc"],
+                "uplink_bytes_per_client": int(np.mean([c["uplink_bytes"] for c in clients])) if clients else 0,
+                "downlink_bytes_per_client": record.get("downlink_bytes", 0),
+                "entries_updated": record.get("touched_entries", 0), "clients": len(clients),
+            })  # fmt: skip
+    union = union_data(work / "parts-iid", args.nodes, args.image_size, work / "union.npz")
+    for epoch in centralized(work / "central", union, args):
+        rows.append({"setting": "centralized", "round": epoch["epoch"], "val_acc": epoch["val_acc"],
+                     "uplink_bytes_per_client": 0, "downlink_bytes_per_client": 0, "entries_updated": 0,
+                     "clients": 1})  # fmt: skip
+    full = full_model_bytes(work / "plan.json")
+    summary |= results(rows, full, args)
+    RESULTS.mkdir(exist_ok=True)
+    with open(RESULTS / "fleet.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (RESULTS / "fleet.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot(rows, summary, RESULTS / "fleet.png")
+    print(report(summary))
+
+
+def run_fleet(root: Path, artifact: Path, parts: list[Path], args: argparse.Namespace) -> list[dict]:
+    fleet = Fleet(root)
+    out = root / "out"
+    try:
+        fleet.server(
+            artifact, out, "--rounds", str(args.rounds), "--min-clients", str(args.nodes), "--wait-for",
+            str(args.nodes), "--val", "fashion-mnist", "--val-per-class", str(args.val_per_class),
+            "--round-timeout", "1800", "--wait-timeout", "600",
+        )  # fmt: skip
+        for index, data in enumerate(parts):
+            fleet.node(f"node{index}", artifact, data, "--engine", "torch-sparse")
+        assert fleet.wait_exit("server", 4 * 3600) == 0, fleet.logs()
+    finally:
+        fleet.close()
+    return RunFolder(out).records()
+
+
+def union_data(parts: Path, nodes: int, image_size: int, path: Path) -> Path:
+    """The nodes' training images together (their local validation images as x_val): what the
+    centralized run trains on."""
+    splits = {"train": [], "val": []}
+    for index in range(nodes):
+        for split in splits:
+            splits[split].append(load_dataset(str(parts / f"node-{index}.npz"), split, image_size, IMAGENET))
+    joined = {split: (np.concatenate([d.pixels for d in sets]), np.concatenate([d.labels for d in sets]))
+              for split, sets in splits.items()}  # fmt: skip
+    np.savez(path, x=joined["train"][0], y=joined["train"][1], x_val=joined["val"][0], y_val=joined["val"][1],
+             class_names=np.array(splits["train"][0].class_names))  # fmt: skip
+    return path
+
+
+def centralized(out: Path, union: Path, args: argparse.Namespace) -> list[dict]:
+    """``edge-trady finetune --plan`` on the union, as many epochs as the fleet has rounds."""
+    if not (out / "summary.json").is_file():
+        cli("finetune", "--plan", str(out.parent / "plan.json"), "--data", str(union), "--engine", "torch-sparse",
+            "--epochs", str(args.rounds), "--per-class", "1000000", "--val-data", "fashion-mnist", "--val-per-class",
+            str(args.val_per_class),
+            "--out", str(out), "--quiet")  # fmt: skip
+    initial = json.loads((out / "summary.json").read_text())["initial_val_acc"]
+    return [{"epoch": 0, "val_acc": initial}, *read_jsonl(out / "metrics.jsonl")]
+
+
+def full_model_bytes(plan_path: Path) -> int:
+    """A full-model FedAvg reply: the whole state_dict as one Flower ArrayRecord."""
+    from flwr.app import ArrayRecord
+
+    from edge_trady.core.plan import Plan
+    from edge_trady.workstation.models import build_model
+
+    plan = Plan.load(plan_path)
+    built = build_model(plan.model, plan.num_classes, plan.image_size, plan.seed)
+    return ArrayRecord(built.module.state_dict()).count_bytes()
+
+
+def results(rows: list[dict], full: int, args: argparse.Namespace) -> dict:
+    final = {s: next(r["val_acc"] for r in reversed(rows) if r["setting"] == s)
+             for s in ("fleet-iid", "fleet-labels", "centralized")}  # fmt: skip
+    uplink = {s: float(np.mean([r["uplink_bytes_per_client"] for r in rows if r["setting"] == s and r["round"]]))
+              for s in ("fleet-iid", "fleet-labels")}  # fmt: skip
+    return {
+        "final_val_acc": final,
+        "gap_iid_points": round(100 * (final["centralized"] - final["fleet-iid"]), 2),
+        "gap_labels_points": round(100 * (final["centralized"] - final["fleet-labels"]), 2),
+        "uplink_bytes_per_client_round": uplink,
+        "full_model_fedavg_bytes": full,
+        "uplink_reduction": {s: round(full / b, 1) for s, b in uplink.items()},
+        "targets": {"uplink >= 20x less": min(full / b for b in uplink.values()) >= 20,
+                    "IID within 2 points of centralized": final["centralized"] - final["fleet-iid"] <= 0.02},
+    }  # fmt: skip
+
+
+def report(summary: dict) -> str:
+    s = summary["settings"]
+    lines = [
+        f"EfficientNet-Lite0 {s['image_size']} px, trady {s['budget']}, batch {s['batch_size']}, lr {s['lr']}, "
+        f"{s['nodes']} nodes, {s['rounds']} rounds x 1 local epoch, {s['per_class']} images/class in all; "
+        f"accuracy on {10 * s['val_per_class']} Fashion-MNIST test images",
+        "",
+        "| setting | final val_acc | uplink per client per round | vs full-model FedAvg |",
+        "|---|---|---|---|",
+    ]
+    full = summary["full_model_fedavg_bytes"]
+    for setting, acc in summary["final_val_acc"].items():
+        uplink = summary["uplink_bytes_per_client_round"].get(setting)
+        sent = f"{uplink / 1024:.1f} KiB" if uplink else "-"
+        ratio = f"{full / uplink:.1f}x less" if uplink else "-"
+        lines.append(f"| {setting} | {acc:.4f} | {sent} | {ratio} |")
+    lines.append(f"| full-model FedAvg (reference) | - | {full / 1024:.1f} KiB | 1x |")
+    lines += ["", f"gap to centralized: IID {summary['gap_iid_points']:+.2f} points, label-skewed "
+              f"{summary['gap_labels_points']:+.2f} points; targets: {summary['targets']}"]  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [3, 2]})
+    labels = {"centralized": "centralized TraDy (epoch)", "fleet-iid": "fleet, IID (round)",
+              "fleet-labels": f"fleet, label-skewed a={summary['settings']['alpha']} (round)"}  # fmt: skip
+    for setting, label in labels.items():
+        points = [(r["round"], r["val_acc"]) for r in rows if r["setting"] == setting]
+        left.plot(*zip(*points, strict=True), marker="o", label=label)
+    left.set_xlabel("round / epoch")
+    left.set_ylabel("test accuracy")
+    left.grid(alpha=0.3)
+    left.legend()
+    names = ["full-model\nFedAvg", "fleet IID", "fleet skewed"]
+    uplink = summary["uplink_bytes_per_client_round"]
+    values = [summary["full_model_fedavg_bytes"], uplink["fleet-iid"], uplink["fleet-labels"]]
+    right.bar(names, [v / MiB for v in values], color=["grey", "C1", "C2"])
+    right.set_yscale("log")
+    right.set_ylabel("uplink per client per round (MiB, log)")
+    for x, v in enumerate(values):
+        right.text(x, v / MiB, f"{v / 1024:.0f} KiB", ha="center", va="bottom")
+    figure.tight_layout()
+    figure.savefig(path, dpi=90)
+
+
+if __name__ == "__main__":
+    main()
