@@ -81,9 +81,13 @@ et_require_root() { [ "$(id -u)" = 0 ] || et_die "$1 needs root (debootstrap, do
 # pip configuration, generated at run time (never committed)
 # ---------------------------------------------------------------------------------------------
 # et_pip_conf DIR [CONTAINER_DIR]
-#   Writes DIR/pip.conf from the host's `pip config list`, copying referenced certificate files
-#   into DIR and rewriting their paths to CONTAINER_DIR (default /tmp/pipconf). Local index
-#   locations (file:// URLs, directories) are dropped: they do not exist inside a container.
+#   Writes DIR/pip.conf from the host's `pip config list`, keeping only what a build in a
+#   container can use and needs: remote index locations (index-url, extra-index-url and
+#   find-links with http(s) URLs), trusted-host, proxy, timeout, retries and certificates (cert,
+#   client-cert: the files are copied into DIR and their paths rewritten to CONTAINER_DIR,
+#   default /tmp/pipconf). Everything else is dropped: local paths and file:// indexes (they do
+#   not exist inside the build), and options such as constraint, requirement, no-index or
+#   only-binary that would change what the image installs (its pins are constraints-device.txt).
 et_pip_conf() {
     local dir=$1 cdir=${2:-/tmp/pipconf}
     mkdir -p "$dir"
@@ -91,58 +95,48 @@ et_pip_conf() {
 import ast, os, shutil, subprocess, sys
 
 out, cdir = sys.argv[1], sys.argv[2]
+LOCATIONS = ("index-url", "extra-index-url", "find-links")
+PLAIN = ("trusted-host", "proxy", "timeout", "default-timeout", "retries")
+CERTS = ("cert", "client-cert")
 lines = subprocess.run([sys.executable, "-m", "pip", "config", "list"], check=True,
                        capture_output=True, text=True).stdout.splitlines()
 sections: dict[str, dict[str, str]] = {}
+dropped: list[str] = []
 for line in lines:
     if "=" not in line or "." not in line.split("=", 1)[0]:
         continue
     name, raw = line.split("=", 1)
     scope, key = name.rsplit(".", 1)
     try:
-        value = ast.literal_eval(raw)
+        value = str(ast.literal_eval(raw))
     except (ValueError, SyntaxError):
         value = raw
     section = "global" if scope in (":env:", "global") else scope.lstrip(":")
-    sections.setdefault(section, {})[key] = str(value)
-
-def remote(tokens):
-    keep = [t for t in tokens if t.startswith(("http://", "https://"))]
-    dropped = [t for t in tokens if t not in keep]
-    return keep, dropped
-
-for sec in sections.values():
-    for key in ("index-url", "extra-index-url", "find-links"):
-        if key in sec:
-            keep, dropped = remote(sec[key].split())
-            if dropped:
-                print(f"    pip config: dropping local {key} (not visible in the container): "
-                      f"{len(dropped)} entr{'y' if len(dropped) == 1 else 'ies'}", file=sys.stderr)
-            if keep:
-                sec[key] = "\n    ".join(keep) if len(keep) > 1 else keep[0]
-            else:
-                del sec[key]
-    for key in ("cert", "client-cert"):
-        if key in sec:
-            src = sec[key]
-            if os.path.isfile(src):
-                dst = f"{key}.pem"
-                shutil.copyfile(src, os.path.join(out, dst))
-                sec[key] = f"{cdir}/{dst}"
-            else:
-                del sec[key]
-    sec.pop("disable-pip-version-check", None)
-    sec.pop("no-cache-dir", None)
+    if key in LOCATIONS:
+        urls = [t for t in value.split() if t.startswith(("http://", "https://"))]
+        if len(urls) < len(value.split()):
+            dropped.append(f"{key} (local)")
+        if not urls:
+            continue
+        value = "\n    ".join(urls)
+    elif key in CERTS:
+        if not os.path.isfile(value):
+            dropped.append(f"{key} (missing file)")
+            continue
+        shutil.copyfile(value, os.path.join(out, f"{key}.pem"))
+        value = f"{cdir}/{key}.pem"
+    elif key not in PLAIN:
+        dropped.append(key)
+        continue
+    sections.setdefault(section, {})[key] = value
 
 with open(os.path.join(out, "pip.conf"), "w") as f:
     for name, sec in sections.items():
-        if not sec:
-            continue
-        f.write(f"[{name}]\n")
-        for k, v in sec.items():
-            f.write(f"{k} = {v}\n")
+        f.write(f"[{name}]\n" + "".join(f"{k} = {v}\n" for k, v in sec.items()))
 keys = ", ".join(f"{n}.{k}" for n, s in sections.items() for k in s)
 print(f"    pip config for the build: {keys or '(none: public PyPI)'}", file=sys.stderr)
+if dropped:
+    print(f"    pip config: not passed to the build: {', '.join(sorted(set(dropped)))}", file=sys.stderr)
 PY
 }
 
@@ -323,6 +317,23 @@ et_has_command() { [ -f "$ET_REPO/edge_trady/commands/$1.py" ] || [ -d "$ET_REPO
 et_project_version() {
     "$ET_PYTHON" -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb"))["project"]["version"])' \
         "$ET_REPO/pyproject.toml"
+}
+
+# et_arm_cpuinfo FILE : a Raspberry Pi 4's /proc/cpuinfo (4 x Cortex-A72). Under qemu-user the
+# guest reads the host's x86 /proc/cpuinfo, and ONNX Runtime's CPU detection (cpuinfo) crashes
+# or hangs on it (SIGSEGV in `import onnxruntime`, qemu 7.2). The arm64 tests give the emulated
+# device this file instead: in the qemu -L root (test-arm64.sh; qemu maps guest paths that exist
+# under -L), or bind-mounted over /proc/cpuinfo (test-docker.sh --arch arm64).
+et_arm_cpuinfo() {
+    local i
+    mkdir -p "$(dirname "$1")"
+    {
+        for i in 0 1 2 3; do
+            printf 'processor\t: %s\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm crc32 cpuid\n' "$i"
+            printf 'CPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x0\nCPU part\t: 0xd08\nCPU revision\t: 3\n\n'
+        done
+        printf 'Hardware\t: BCM2835\nRevision\t: c03111\nModel\t\t: Raspberry Pi 4 Model B Rev 1.1\n'
+    } >"$1"
 }
 
 # ---------------------------------------------------------------------------------------------

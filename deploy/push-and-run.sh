@@ -8,9 +8,10 @@ Usage: deploy/push-and-run.sh [options] ARTIFACT_DIR|PLAN.json USER@HOST
 
 Copies the job to the device, starts it in the background over ssh and prints how to follow it.
 The device needs edge-trady installed (venv, systemd unit or Docker).
-  ARTIFACT_DIR  (from `edge-trady export`)  -> `edge-trady run` (ONNX Runtime: x86_64 devices)
+  ARTIFACT_DIR  (from `edge-trady export`)  -> `edge-trady run` (portable runner, plain ONNX
+                Runtime: x86_64 and arm64, e.g. Raspberry Pi)
   PLAN.json     (from `edge-trady plan --engine torch-sparse`)
-                -> `edge-trady finetune --plan --engine torch-sparse` (arm64: Pi, Jetson)
+                -> `edge-trady finetune --plan --engine torch-sparse` (PyTorch: Jetson GPUs)
 
 Modes (--mode):
   nohup    (default) `nohup edge-trady run|finetune ... &` in REMOTE_DIR; log in REMOTE_DIR/run.log

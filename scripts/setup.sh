@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install what edge-trady needs on a workstation / CI machine (idempotent):
 #  - Debian package dataset-fashion-mnist (the real data used by the demo and tests)
+#  - Debian package systemd, for `systemd-analyze verify` of deploy/edge-trady-run.service (tests)
 #  - the package with its workstation and dev extras, pinned by constraints.txt (CPU torch)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +14,15 @@ if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq dataset-fashion-mnist >/dev/null
 fi
 
-if ! python3 -c "import edge_trady, torch, onnxruntime, efficientnet_lite_pytorch, pytest, flwr, hypothesis, tqdm" 2>/dev/null; then
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+  echo "[setup] installing Debian package systemd (systemd-analyze, for the unit file test)" >&2
+  sudo_cmd=""
+  [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
+  $sudo_cmd apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends systemd >/dev/null
+fi
+
+if ! python3 -c "import edge_trady, torch, onnxruntime, efficientnet_lite_pytorch, pytest, flwr, hypothesis, tqdm, yaml" 2>/dev/null; then
   echo "[setup] installing edge-trady[dev] (torch CPU, onnx, onnxruntime-training)" >&2
   python3 -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]" \
     --config-settings editable_mode=compat

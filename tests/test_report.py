@@ -79,7 +79,8 @@ def test_resumed_run_is_marked_and_predicted_peak_comes_from_a_plan(run_dir: Pat
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     metrics = read_jsonl(run_dir / "metrics.jsonl")
-    metrics[2]["peak_rss_bytes"] = metrics[3]["peak_rss_bytes"] = metrics[1]["peak_rss_bytes"] // 2  # new process
+    assert len({m["process"] for m in metrics}) == 1
+    metrics[2]["process"] = metrics[3]["process"] = "another"  # resumed by another process at epoch 3
     (resumed / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
     (resumed / "selection.jsonl").write_text((run_dir / "selection.jsonl").read_text())
     report = load_report(resumed)  # no summary.json: unfinished

@@ -349,6 +349,9 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(
     resumed = device(*args, "--resume", "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_run(trained, out)
+    report = device("report", str(out))  # the report says where the run resumed
+    assert report.returncode == 0, report.stderr
+    assert "  epochs     3 epoch(s) (resumed at epoch 2)," in report.stdout
 
 
 def test_sigterm_checkpoints_and_stops_then_resume_finishes(
@@ -363,8 +366,6 @@ def test_sigterm_checkpoints_and_stops_then_resume_finishes(
     resumed = device(*args, "--resume", "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_run(trained, out)
-    report = device("report", str(out))  # a resumed run folder reports like any other
-    assert report.returncode == 0 and "  epochs     3 epoch(s)" in report.stdout, report.stderr
 
 
 def _edit_manifest(artifact: Path, edit: Callable[[dict], None]) -> None:

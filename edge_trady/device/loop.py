@@ -19,6 +19,7 @@ from ..engines.base import Engine
 from ..errors import EdgeTradyError
 from .checkpoint import LoopState, has_checkpoint, load_checkpoint, save_checkpoint
 from .data import Dataset, epoch_order
+from .heartbeat import FINISHED, TRAINING, Heartbeat
 from .memwatch import peak_rss_bytes
 from .progress import Progress
 from .runlog import EpochMetrics, RunLog, read_jsonl
@@ -35,6 +36,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0  # also checkpoint every N steps (0: only at epoch ends)
     budget_unit: str = "units"  # unit of the sampler's budget and costs: "units" or "bytes"
+    heartbeat_every: int = 10  # heartbeat.json every N steps (0: at epoch ends only)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -82,7 +84,10 @@ def train(
         log.truncate_to(state.epoch)
         progress.line(f"resuming at epoch {state.epoch + 1}, step {state.step_in_epoch}")
     progress.start(config.epochs, steps_per_epoch, len(train_data), state.epoch, state.step_in_epoch, state.seen)
-    with _stop_on_signals() as stop_requested:
+    heartbeat = Heartbeat(run_dir, config.heartbeat_every, config.epochs, steps_per_epoch)
+    if state.epoch < config.epochs:  # a finished run's folder is left as it is
+        heartbeat.beat(TRAINING, state.epoch, state.step_in_epoch)
+    with _stop_on_signals() as stop_requested, heartbeat.on_error(stopped=Stopped):
         for epoch in range(state.epoch, config.epochs):
             selection = _epoch_selection(sampler, state, epoch, score_fn)
             engine.set_selection(selection)
@@ -98,6 +103,7 @@ def train(
                 state.seen += len(y)
                 state.step_in_epoch = step + 1
                 progress.step(epoch, step + 1, state.seen, loss)
+                heartbeat.step(epoch, step + 1)
                 every = config.checkpoint_every
                 if stop_requested() or (every and (step + 1) % every == 0 and step + 1 < steps_per_epoch):
                     state.elapsed_s = time.monotonic() - started
@@ -126,6 +132,7 @@ def train(
             progress.line(_summary(metrics, config.epochs))
             state = LoopState(epoch=epoch + 1, sampler=sampler.state())
             save_checkpoint(run_dir, engine, state)
+            heartbeat.beat(FINISHED if epoch + 1 == config.epochs else TRAINING, epoch + 1, 0)
     return read_jsonl(log.metrics_path)
 
 

@@ -2,8 +2,8 @@
 say, as a short text and one picture (no torch; matplotlib only for the picture).
 
 Works for every engine's folder (``edge-trady run`` and ``finetune``), finished or not, and for
-resumed runs: a fall of the measured peak RSS (``VmHWM`` only grows within a process) marks the
-epoch where a new process took over. A plan (``plan.json`` or an artifact folder) adds what the run
+resumed runs: each epoch record names the process that trained it, so the epochs where a new
+process took over are marked. A plan (``plan.json`` or an artifact folder) adds what the run
 folder does not keep: the candidate layers and their widths, and the predicted peak of a
 ``finetune`` run.
 """
@@ -383,16 +383,12 @@ def _natural_key(name: str) -> list[tuple[int, int | str]]:
 
 
 def _new_processes(epochs: Sequence[dict]) -> list[int]:
-    """Epochs where the peak RSS fell: VmHWM only grows within a process, so a new one began."""
-    found = []
-    for before, after in zip(epochs, epochs[1:], strict=False):
-        if (
-            before.get("peak_rss_bytes")
-            and after.get("peak_rss_bytes")
-            and after["peak_rss_bytes"] < before["peak_rss_bytes"]
-        ):
-            found.append(after["epoch"])
-    return found
+    """Epochs trained by another process than the epoch before: where the run was resumed."""
+    return [
+        after["epoch"]
+        for before, after in zip(epochs, epochs[1:], strict=False)
+        if before.get("process") and after.get("process") and before["process"] != after["process"]
+    ]
 
 
 def _initial_val_acc(report: RunReport) -> float | None:

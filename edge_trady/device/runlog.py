@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from ..core.selection import Selection
 
 METRICS_FILE = "metrics.jsonl"
 SELECTION_FILE = "selection.jsonl"
+PROCESS_ID = uuid.uuid4().hex[:12]  # names this process in the epoch records: where it changes, a run resumed
 
 
 @dataclass
@@ -32,6 +34,7 @@ class EpochMetrics:
     engine: str
     peak_rss_bytes: int | None = None
     extra: dict = field(default_factory=dict)
+    process: str = PROCESS_ID  # the process that trained the epoch (a pid repeats in containers)
 
 
 class RunLog:
