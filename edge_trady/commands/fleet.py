@@ -281,7 +281,7 @@ def node(
     )
     train, val_data = load_data(manifest, RunRequest(artifact_dir, data, out, val, per_class, val_per_class))
     chosen = resolve_engine(engine)
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "flower").mkdir(parents=True, exist_ok=True)  # FLWR_HOME of the SuperNode: the apps it installs
     node_config = out / "node.toml"
     node_config.write_text(launch.toml_table(settings.to_config()))
     command_line = launch.supernode_command(
@@ -293,7 +293,7 @@ def node(
         f"{len(val_data)} val images, engine {chosen}; SuperNode for {superlink} (PID {os.getpid()})",
         err=True,
     )
-    os.execve(command_line[0], command_line, launch.flower_env())
+    os.execve(command_line[0], command_line, launch.flower_env(out / "flower"))
 
 
 @command.command("partition")

@@ -11,6 +11,7 @@ the run; a node that comes back under a new node ID takes part from the next rou
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -217,7 +218,7 @@ class FleetServer:
                     "node_id": node,
                     "node": info.get("node"),
                     "engine": info.get("engine"),
-                    **asdict(report),
+                    **{k: _finite(v) for k, v in asdict(report).items()},
                     "uplink_bytes": record.count_bytes(),
                     "uplink_payload_bytes": update.payload_bytes,
                     "updated_channels": {name: len(part.channels) for name, part in update.slices.items()},
@@ -267,6 +268,11 @@ class FleetServer:
         self.engine.load_trainable_state(state)
         loss, accuracy = evaluate(self.engine, self.val, self.plan.batch_size)
         return {"val_loss": loss, "val_acc": accuracy, "val_images": len(self.val)}
+
+
+def _finite(value):
+    """JSON has no NaN: a metric the client could not compute (no local validation images) is None."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _weighted(values: list[float], clients: list[dict]) -> float | None:
