@@ -3,6 +3,9 @@
 #  - Debian package dataset-fashion-mnist (the real data used by the demo and tests)
 #  - Debian package systemd, for `systemd-analyze verify` of deploy/edge-trady-run.service (tests)
 #  - the package with its workstation and dev extras, pinned by constraints.txt (CPU torch)
+#  - .venv-device/: a torch-free device environment, edge-trady[device] with plain onnxruntime
+#    1.32.0, where the tests run the portable artifact (plain onnxruntime and onnxruntime-training
+#    both install the onnxruntime module: never in one environment)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,5 +28,15 @@ fi
 if ! python3 -c "import edge_trady, torch, onnxruntime, efficientnet_lite_pytorch, pytest, flwr, hypothesis, tqdm, yaml" 2>/dev/null; then
   echo "[setup] installing edge-trady[dev] (torch CPU, onnx, onnxruntime-training)" >&2
   python3 -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]" \
+    --config-settings editable_mode=compat
+fi
+
+DEVICE_VENV=.venv-device
+DEVICE_CHECK="import importlib.util, onnxruntime, edge_trady, numpy, psutil, click, PIL, tqdm
+assert onnxruntime.__version__ == '1.32.0' and importlib.util.find_spec('torch') is None"
+if ! "$DEVICE_VENV/bin/python" -c "$DEVICE_CHECK" 2>/dev/null; then
+  echo "[setup] creating $DEVICE_VENV: edge-trady[device] with plain onnxruntime 1.32.0, no torch" >&2
+  python3 -m venv --clear "$DEVICE_VENV"
+  "$DEVICE_VENV/bin/python" -m pip install -q --disable-pip-version-check "onnxruntime==1.32.0" -e ".[device]" \
     --config-settings editable_mode=compat
 fi

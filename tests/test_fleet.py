@@ -10,6 +10,7 @@ ClientApp process start.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -39,15 +40,16 @@ def _invoke(*args: str) -> str:
     return result.output
 
 
-def _export(root: Path, name: str) -> Path:
-    """A trady plan at 2 % over the last 20 layers (a written ranking: no ranking epoch), exported."""
+def _export(root: Path, name: str, engine: str = "portable") -> Path:
+    """A trady plan at 2 % over the last 20 layers (a written ranking: no ranking epoch), exported in
+    the format of ``engine`` (portable: onnx, the default; ort: ort-training)."""
     built = build_model(MODEL, 10, SIZE)
     names = [layer.name for layer in trace_layers(built.module, SIZE) if layer.name != built.classifier]
     scores = dict.fromkeys(names[-20:], 1.0)
     build_ranking(MODEL, SIZE, scores, scores, threshold=1.0).save(root / "ranking.json")
     plan = root / f"{name}.json"
     _invoke(
-        "plan", "--model", MODEL, "--image-size", str(SIZE), "--profile", "this-workstation", "--engine", "ort",
+        "plan", "--model", MODEL, "--image-size", str(SIZE), "--profile", "this-workstation", "--engine", engine,
         "--budget", "2%", "--data", "fashion-mnist", "--per-class", "20", "--batch-size", "16", "--lr", "0.01",
         "--ranking", str(root / "ranking.json"), "-o", str(plan), "--quiet",
     )  # fmt: skip
@@ -59,7 +61,7 @@ def _other_artifact(root: Path, artifact: Path) -> Path:
     """A valid artifact with another hash (as a re-export would have): one file edited, manifest redone."""
     other = root / "other-artifact"
     shutil.copytree(artifact, other)
-    layout = other / "layout.json"
+    layout = next(p for p in other.iterdir() if p.suffix == ".json" and p.name != "manifest.json")
     layout.write_text(layout.read_text() + "\n")
     manifest = Manifest.load(artifact)
     manifest.files = hash_files(other)
@@ -84,8 +86,9 @@ def parts(root: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def fleet_run(root: Path, artifact: Path, parts: list[Path]):
-    """2 rounds, 3 good nodes (one on the ONNX Runtime engine with torch blocked) and one node whose
-    artifact is another export (refused)."""
+    """2 rounds, 3 good nodes (one on torch-sparse, two on the portable engine, which ``auto`` picks for
+    the portable artifact, one of them with torch blocked) and one node whose artifact is another export
+    (refused)."""
     other = _other_artifact(root, artifact)
     fleet = Fleet(root / "run")
     out = root / "run" / "out"
@@ -95,9 +98,9 @@ def fleet_run(root: Path, artifact: Path, parts: list[Path]):
             "--round-timeout", "180", "--wait-timeout", "180", "--wait-for", "4",
         )  # fmt: skip
         fleet.node("dev0", artifact, parts[0], "--engine", "torch-sparse")
-        fleet.node("dev1", artifact, parts[1], "--engine", "torch-sparse")
-        fleet.node("dev2", artifact, parts[2], "--engine", "ort", block_torch=True)
-        fleet.node("stale", other, parts[2], "--engine", "ort")
+        fleet.node("dev1", artifact, parts[1])
+        fleet.node("dev2", artifact, parts[2], block_torch=True)
+        fleet.node("stale", other, parts[2])
         code = fleet.wait_exit("server", timeout=300)
         assert code == 0, fleet.logs()
         yield fleet, out
@@ -130,8 +133,9 @@ def test_refused_node_sat_out_and_the_round_went_on(fleet_run) -> None:
     assert "the server trains" in first["refused"][0]["reason"]
     assert second["refused"] == [] and second["nodes"] == 3  # left out after refusing
     assert "error: this node's artifact" in (fleet.root / "stale.log").read_text()
-    assert {c["engine"] for c in first["clients"]} == {"torch-sparse", "ort"}
-    assert not fleet.torch_imports.exists(), "the ORT node's ClientApp imported torch"
+    engines = {c["node"]: c["engine"] for c in first["clients"]}
+    assert engines == {"dev0": "torch-sparse", "dev1": "portable", "dev2": "portable"}
+    assert not fleet.torch_imports.exists(), "the torch-free node's ClientApp imported torch"
 
 
 def test_untouched_entries_stay_bit_identical_between_rounds(fleet_run, artifact: Path) -> None:
@@ -178,32 +182,89 @@ def test_uplink_carried_only_the_selected_slices(fleet_run, artifact: Path) -> N
             assert client["uplink_bytes"] < 0.1 * trainable_bytes < record["downlink_bytes"]
 
 
-def test_torch_sparse_and_ort_nodes_send_the_same_update(artifact: Path, parts: list[Path], tmp_path: Path) -> None:
-    """Both engines start from the artifact's tensors and train the same selection on the same batches."""
-    from edge_trady.engines.ort_training import OrtEngine
+def _round_updates(artifact: Path, data: Path, out: Path, engines: list[str]) -> tuple[dict, dict]:
+    """Round 1 of 2 from the artifact's tensors on each engine: (start state, engine -> update)."""
     from edge_trady.fleet.client import NodeSettings, train_round
+    from edge_trady.fleet.engines import open_engine
     from edge_trady.fleet.task import RoundTask
 
-    state = OrtEngine(artifact).trainable_state()
+    manifest = Manifest.load(artifact)
+    state = {n: a.copy() for n, a in open_engine("portable", artifact, manifest).trainable_state().items()}
+    task = RoundTask(1, 2, 1, manifest.artifact_sha256)
+    updates = {}
+    for engine in engines:
+        update, _, kind = train_round(NodeSettings("dev0", artifact, str(data), out / engine, engine), task, state)
+        assert kind == engine
+        updates[engine] = update
+    return state, updates
+
+
+def _sent(update) -> dict[str, np.ndarray]:
+    return {n: p.values.ravel() for n, p in update.slices.items()} | {n: a.ravel() for n, a in update.dense.items()}
+
+
+def _assert_same_training(state: dict, reference, other, layers: dict) -> None:
+    """Same slices and classifier, values apart by fp32 rounding only, and the round trained."""
+    assert reference.slices.keys() == other.slices.keys() and reference.dense.keys() == other.dense.keys()
+    assert all(np.array_equal(p.channels, other.slices[n].channels) for n, p in reference.slices.items())
+    start = {n: ChannelSlice(layers[n], p.channels).gather(state[n]).ravel() for n, p in reference.slices.items()}
+    start |= {n: state[n].ravel() for n in reference.dense}
+    ours, theirs = _sent(reference), _sent(other)
+    moved = np.concatenate([ours[n] - start[n] for n in start])
+    apart = np.concatenate([ours[n] - theirs[n] for n in start])
+    assert np.linalg.norm(moved) > 0.05  # the round trained
+    assert np.linalg.norm(apart) < 1e-4 * np.linalg.norm(moved)  # fp32 rounding only
+
+
+def test_torch_sparse_and_portable_nodes_send_the_same_update(artifact: Path, parts: list[Path], tmp_path) -> None:
+    """Both engines start from the artifact's tensors and train the same selection on the same batches."""
+    state, updates = _round_updates(artifact, parts[0], tmp_path, ["torch-sparse", "portable"])
     built = build_model(MODEL, 10, SIZE)
     assert all(np.array_equal(built.module.state_dict()[n].numpy(), a) for n, a in state.items())
-    task = RoundTask(1, 2, 1, Manifest.load(artifact).artifact_sha256)
-    updates = {}
-    for engine in ("torch-sparse", "ort"):
-        settings = NodeSettings("dev0", artifact, str(parts[0]), tmp_path / engine, engine)
-        updates[engine], _ = train_round(settings, task, state)
-    sparse, ort = updates["torch-sparse"], updates["ort"]
-    assert sparse.slices.keys() == ort.slices.keys() and sparse.dense.keys() == ort.dense.keys()
-    assert all(np.array_equal(p.channels, ort.slices[n].channels) for n, p in sparse.slices.items())
     layers = weight_layers(Manifest.load(artifact).plan.layer_costs)
-    start = {n: ChannelSlice(layers[n], p.channels).gather(state[n]).ravel() for n, p in sparse.slices.items()}
-    start |= {n: state[n].ravel() for n in sparse.dense}
-    sent = {engine: {n: p.values.ravel() for n, p in u.slices.items()} | {n: a.ravel() for n, a in u.dense.items()}
-            for engine, u in updates.items()}  # fmt: skip
-    moved = np.concatenate([sent["ort"][n] - start[n] for n in start])
-    apart = np.concatenate([sent["ort"][n] - sent["torch-sparse"][n] for n in start])
-    assert np.linalg.norm(moved) > 0.05  # the round trained
-    assert np.linalg.norm(apart) < 1e-4 * np.linalg.norm(moved)  # fp32 rounding only (~3e-6 here)
+    _assert_same_training(state, updates["portable"], updates["torch-sparse"], layers)
+
+
+DEVICE_VENV = Path(__file__).resolve().parents[1] / ".venv-device" / "bin" / "python"
+DEVICE_ROUND = """
+import importlib.util, json, sys
+import numpy as np
+from pathlib import Path
+from edge_trady.device.manifest import Manifest
+from edge_trady.fleet.client import NodeSettings, train_round
+from edge_trady.fleet.task import RoundTask
+artifact, data, out = map(Path, sys.argv[1:4])
+state = dict(np.load(out / "state.npz"))
+task = RoundTask(1, 2, 1, Manifest.load(artifact).artifact_sha256)
+update, report, engine = train_round(NodeSettings("dev0", artifact, str(data), out / "node"), task, state)
+np.savez(out / "update.npz", **{n + "@c": p.channels for n, p in update.slices.items()},
+         **{n + "@v": p.values for n, p in update.slices.items()}, **update.dense)
+print(json.dumps({"engine": engine, "torch": "torch" in sys.modules, "flwr": "flwr" in sys.modules,
+                  "torch_installed": importlib.util.find_spec("torch") is not None}))
+"""
+
+
+def test_a_torch_free_device_trains_a_round_on_plain_onnxruntime(artifact: Path, parts: list[Path], tmp_path) -> None:
+    """The client's round in the device venv (plain onnxruntime 1.32, no torch, no Flower installed):
+    ``auto`` picks the portable engine and the update matches torch-sparse's on the workstation."""
+    if not DEVICE_VENV.exists():
+        pytest.skip(f"no device venv at {DEVICE_VENV.parent.parent}: run scripts/setup.sh")
+    from edge_trady.fleet.aggregate import ClientUpdate, SliceUpdate
+
+    state, updates = _round_updates(artifact, parts[0], tmp_path, ["torch-sparse"])
+    np.savez(tmp_path / "state.npz", **state)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = [str(DEVICE_VENV), "-c", DEVICE_ROUND, str(artifact), str(parts[0]), str(tmp_path)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    facts = json.loads(done.stdout.splitlines()[-1])
+    assert facts == {"engine": "portable", "torch": False, "flwr": False, "torch_installed": False}
+    with np.load(tmp_path / "update.npz") as saved:
+        arrays = dict(saved)
+    names = {k[:-2] for k in arrays if k.endswith("@c")}
+    device = ClientUpdate(1, {n: SliceUpdate(arrays.pop(n + "@c"), arrays.pop(n + "@v")) for n in names}, arrays)
+    layers = weight_layers(Manifest.load(artifact).plan.layer_costs)
+    _assert_same_training(state, device, updates["torch-sparse"], layers)
 
 
 @pytest.mark.slow

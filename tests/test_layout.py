@@ -14,6 +14,8 @@ DEVICE_MODULES = (
     "edge_trady.engines.base",
     "edge_trady.engines.ort_runtime",
     "edge_trady.engines.ort_training",
+    "edge_trady.engines.portable",
+    "edge_trady.engines.portable_format",
     "edge_trady.commands.run",
     "edge_trady.commands.evaluate",
     "edge_trady.commands.profile",

@@ -1,4 +1,5 @@
-"""Device path: export -> run (torch unimportable) -> evaluate; parity with finetune, guards, resume.
+"""Device path: export -> run (torch unimportable) -> evaluate; parity with finetune, guards, resume;
+for both artifact formats (onnx: the portable engine; ort-training: ONNX Runtime training).
 
 The model is MobileNetV2-w0.35 at 32 px with its BatchNorm statistics calibrated on noise: the plain
 random initialisation shrinks activations ~1e-8 by the classifier, so nothing but the classifier
@@ -24,12 +25,14 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from edge_trady.cli import cli
+from edge_trady.core.layers import LayerCost
 from edge_trady.core.masks import channel_mask
 from edge_trady.device.data import MINUS_ONE_TO_ONE, load_dataset
-from edge_trady.device.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest
+from edge_trady.device.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest, hash_files
 from edge_trady.device.runlog import read_jsonl
 from edge_trady.device.runner import RunRequest, load_data
 from edge_trady.engines.ort_training import OrtEngine
+from edge_trady.engines.portable_format import PortableLayout
 from edge_trady.errors import ArtifactError
 from edge_trady.workstation.cost_trace import trace_layers
 from edge_trady.workstation.models import build_model
@@ -62,6 +65,9 @@ raise ImportError("torch is not installed on this (simulated) device")
 """
 TRAIN = ["--train", "synthetic:4"]
 DATA = ["--data", "synthetic:4"]
+ENGINE_OF_FORMAT = {"onnx": "portable", "ort-training": "ort"}
+REPO = Path(__file__).resolve().parents[1]
+DEVICE_VENV = REPO / ".venv-device" / "bin" / "python"
 
 
 def _invoke(*args: str) -> str:
@@ -70,13 +76,19 @@ def _invoke(*args: str) -> str:
     return result.output
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("runner")
+@pytest.fixture(scope="module", params=list(ENGINE_OF_FORMAT))
+def fmt(request) -> str:
+    """The artifact format every test of this module runs with."""
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def plan_path(root: Path) -> Path:
+def root(tmp_path_factory, fmt: str) -> Path:
+    return tmp_path_factory.mktemp(f"runner-{fmt}")
+
+
+@pytest.fixture(scope="module")
+def plan_path(root: Path, fmt: str) -> Path:
     """A trady plan over the last 20 layers (a ranking written here: no ranking epoch)."""
     (root / "calibrated.py").write_text(FACTORY)
     model = f"{root / 'calibrated.py'}:mobilenet"
@@ -94,7 +106,7 @@ def plan_path(root: Path) -> Path:
         "--profile",
         "this-workstation",
         "--engine",
-        "ort",
+        ENGINE_OF_FORMAT[fmt],
         "--budget",
         "5%",
         "--data",
@@ -162,6 +174,26 @@ def _initializers(model: Path) -> dict[str, np.ndarray]:
     return {init.name: numpy_helper.to_array(init) for init in onnx.load(model).graph.initializer}
 
 
+def _initial_parameters(artifact: Path) -> dict[str, np.ndarray]:
+    """Every parameter of the artifact's model before training, trained or frozen."""
+    if Manifest.load(artifact).format == "onnx":
+        return _initializers(artifact / PortableLayout.load(artifact).inference_model)
+    engine = OrtEngine(artifact)
+    return {name: engine.parameter(name) for name in engine.parameter_names()}
+
+
+def _trained_parameters(artifact: Path) -> tuple[list[str], dict[str, LayerCost]]:
+    """The classifier's parameters, and the candidate layers' weights with their layer."""
+    if Manifest.load(artifact).format == "onnx":
+        layout = PortableLayout.load(artifact)
+        layers = {layer.name: layer for layer in layout.layers}
+        return [w for w in layout.weights if w not in layout.layer_of], {
+            w: layers[n] for w, n in layout.layer_of.items()
+        }
+    layout = OrtEngine(artifact).layout
+    return layout.params[layout.classifier], {f"{layer.name}.weight": layer for layer in layout.layers}
+
+
 def test_manifest_describes_and_verifies_the_artifact(artifact: Path, plan_path: Path) -> None:
     manifest = Manifest.load(artifact)
     assert Manifest.from_dict(manifest.to_dict()) == manifest
@@ -177,19 +209,24 @@ def test_manifest_describes_and_verifies_the_artifact(artifact: Path, plan_path:
         "dtype": "float32",
         "layout": "NCHW",
     }
-    layout = OrtEngine(artifact).layout
-    assert {mask: entry["layer"] for mask, entry in manifest.masks.items()} == layout.masks
-    assert [layer["name"] for layer in manifest.plan.layers] == list(layout.masks.values())
+    if manifest.format == "onnx":
+        layout = PortableLayout.load(artifact)
+        inputs = {name: layer for layer, name in layout.channel_inputs.items()}
+    else:
+        inputs = OrtEngine(artifact).layout.masks
+    assert {name: entry["layer"] for name, entry in manifest.selection_inputs.items()} == inputs
+    assert [layer["name"] for layer in manifest.plan.layers] == list(inputs.values())
     broken = manifest.to_dict()
     del broken["files"]
     with pytest.raises(ArtifactError, match=r"missing fields \['files'\]"):
         Manifest.from_dict(broken)
 
 
-def test_run_on_the_device_never_imports_torch(trained: Path, artifact: Path, plan_path: Path) -> None:
+def test_run_on_the_device_never_imports_torch(trained: Path, artifact: Path, plan_path: Path, fmt: str) -> None:
     metrics, selections = read_jsonl(trained / "metrics.jsonl"), read_jsonl(trained / "selection.jsonl")
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
-    assert all(m["engine"] == "ort" and 0 < m["units_used"] <= m["budget_units"] for m in metrics)
+    engine = ENGINE_OF_FORMAT[fmt]
+    assert all(m["engine"] == engine and 0 < m["units_used"] <= m["budget_units"] for m in metrics)
     assert len({json.dumps(s["channels"], sort_keys=True) for s in selections}) == 3  # redrawn each epoch
     candidates = {layer["name"] for layer in json.loads(plan_path.read_text())["layers"]}
     assert all(set(s["channels"]) <= candidates for s in selections)
@@ -234,29 +271,29 @@ def test_evaluate_scores_a_whole_test_file_unless_a_split_is_asked(
     assert len(val) == 52
 
 
-def test_report_of_a_device_run_knows_its_predicted_peak(trained: Path, artifact: Path, device) -> None:
+def test_report_of_a_device_run_knows_its_predicted_peak(trained: Path, artifact: Path, device, fmt: str) -> None:
     done = device("report", str(trained), "--plan", str(artifact))
     assert done.returncode == 0, done.stderr
     summary = json.loads((trained / "summary.json").read_text())
     predicted = summary["predicted_peak_bytes"] / 2**20
-    assert done.stdout.startswith(f"{trained}: {summary['model']}, edge-trady run, engine ort, method trady\n")
+    engine = ENGINE_OF_FORMAT[fmt]
+    assert done.stdout.startswith(f"{trained}: {summary['model']}, edge-trady run, engine {engine}, method trady\n")
     assert f"(predicted {predicted:.1f} MiB, " in done.stdout and (trained / "report.png").is_file()
     assert "of 20 layers trained at least once" in done.stdout  # the plan's 20 candidates
 
 
 def test_unselected_channels_and_frozen_weights_stay_bit_identical(artifact: Path, trained: Path) -> None:
-    initial = OrtEngine(artifact)
-    layout = initial.layout
+    initial = _initial_parameters(artifact)
+    classifier, masked = _trained_parameters(artifact)
     final = _initializers(trained / "model.onnx")
     selected: dict[str, set[int]] = {}
     for selection in read_jsonl(trained / "selection.jsonl"):
         for layer, channels in selection["channels"].items():
             selected.setdefault(layer, set()).update(channels)
-    masked = {f"{layer.name}.weight": layer for layer in layout.layers}
     changed = 0
-    for name in initial.parameter_names():
-        before, after = initial.parameter(name), final[name]
-        if name in layout.params[layout.classifier]:
+    for name, before in initial.items():
+        after = final[name]
+        if name in classifier:
             assert not np.array_equal(after, before), name  # the classifier always trains
         elif name in masked:
             layer = masked[name]
@@ -269,15 +306,19 @@ def test_unselected_channels_and_frozen_weights_stay_bit_identical(artifact: Pat
     assert changed >= len(masked) // 2
 
 
-def test_runner_matches_finetune_torch_masked(artifact: Path, plan_path: Path, tmp_path: Path) -> None:
-    """Same plan, seed, data, order and selections; one step per epoch (16 images, batch 16).
+def test_runner_matches_finetune(artifact: Path, plan_path: Path, tmp_path: Path, fmt: str) -> None:
+    """Same plan, seed, data, order and selections as 'finetune' with the reference engine (torch-masked
+    for ort-training, torch-sparse for onnx); one step per epoch (16 images, batch 16).
 
     Weights are compared after one step: later, fp32 ReLU6 gradients flip where a pre-activation is
     within rounding of 0 (torch fp32 and fp64 disagree there too) and the trajectories drift apart
-    by a few % of the weights' movement, while the losses still agree to ~1e-4."""
+    by a few % of the weights' movement, while the losses still agree to ~1e-4. (Several steps equal
+    to 1e-4 where no mask flips: tests/test_portable.py.)"""
+    reference_engine = "torch-sparse" if fmt == "onnx" else "torch-masked"
+    per_class = "4"
 
     def small(epochs: str) -> list[str]:
-        return ["--per-class", "4", "--epochs", epochs, "--quiet"]
+        return ["--per-class", per_class, "--epochs", epochs, "--quiet"]
 
     for epochs in ("1", "3"):
         _invoke("run", str(artifact), *TRAIN, "--out", str(tmp_path / f"ort{epochs}"), *small(epochs))
@@ -287,12 +328,12 @@ def test_runner_matches_finetune_torch_masked(artifact: Path, plan_path: Path, t
             str(plan_path),
             *DATA,
             "--engine",
-            "torch-masked",
+            reference_engine,
             "--out",
             str(tmp_path / f"torch{epochs}"),
             *small(epochs),
         )
-    # finetune --plan with the plan's engine (ort) exports the same artifact and trains it alike
+    # finetune --plan with the plan's engine exports the same artifact and trains it alike
     _invoke("finetune", "--plan", str(plan_path), *DATA, "--out", str(tmp_path / "ft-ort1"), *small("1"))
     _assert_same_run(tmp_path / "ort1", tmp_path / "ft-ort1")
     ort, ref = (read_jsonl(tmp_path / f"{engine}3" / "metrics.jsonl") for engine in ("ort", "torch"))
@@ -301,11 +342,12 @@ def test_runner_matches_finetune_torch_masked(artifact: Path, plan_path: Path, t
     assert ort[0]["train_loss"] == pytest.approx(ref[0]["train_loss"], rel=1e-4)
     assert [m["train_loss"] for m in ort] == pytest.approx([m["train_loss"] for m in ref], rel=1e-3)
     assert read_jsonl(tmp_path / "ort3" / "selection.jsonl") == read_jsonl(tmp_path / "torch3" / "selection.jsonl")
-    initial = OrtEngine(artifact)
+    initial = _initial_parameters(artifact)
+    classifier, masked = _trained_parameters(artifact)
     trained = _initializers(tmp_path / "ort1" / "model.onnx")
     reference = torch.load(tmp_path / "torch1" / "model.pt", weights_only=True)
-    for name in initial.layout.trainable_params:
-        moved = np.linalg.norm(reference[name].numpy() - initial.parameter(name))
+    for name in [*classifier, *masked]:
+        moved = np.linalg.norm(reference[name].numpy() - initial[name])
         assert moved > 0, name
         assert np.linalg.norm(trained[name] - reference[name].numpy()) <= 1e-3 * moved, name
 
@@ -374,48 +416,133 @@ def _edit_manifest(artifact: Path, edit: Callable[[dict], None]) -> None:
     (artifact / MANIFEST_FILE).write_text(json.dumps(data))
 
 
-def _truncate(artifact: Path) -> None:
-    path = artifact / "checkpoint"
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+def _truncate(name: str) -> Callable[[Path], None]:
+    def truncate(artifact: Path) -> None:
+        path = artifact / name
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    return truncate
 
 
-def _flip_byte(artifact: Path) -> None:
-    path = artifact / "training_model.onnx"
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
+def _flip_byte(name: str) -> Callable[[Path], None]:
+    def flip(artifact: Path) -> None:
+        path = artifact / name
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+    return flip
+
+
+def _replace_graph(artifact: Path) -> None:
+    """The step graph replaced by another graph, with hashes to match (a hand-made artifact)."""
+    shutil.copy(artifact / "inference.onnx", artifact / "train_step.onnx")
+    _edit_manifest(artifact, lambda d: d.update(files=hash_files(artifact)))
+
+
+def _widen_first_layer(data: dict) -> None:
+    data["plan"]["layers"][0]["in_channels"] += 8  # the sampler would draw channels the graph lacks
 
 
 BROKEN = {
-    "truncated": (_truncate, "checkpoint: content does not match the manifest (truncated or edited)"),
-    "edited": (_flip_byte, "training_model.onnx: content does not match the manifest (truncated or edited)"),
-    "missing file": (lambda a: (a / "layout.json").unlink(), "layout.json: missing from the artifact"),
     "missing dir": (shutil.rmtree, "no such artifact directory"),
     "other version": (
         lambda a: _edit_manifest(a, lambda d: d.update(format_version=FORMAT_VERSION + 1)),
-        f"manifest format version {FORMAT_VERSION + 1}, this edge-trady reads version {FORMAT_VERSION}",
+        f"manifest format version {FORMAT_VERSION + 1}, this edge-trady reads version {FORMAT_VERSION} "
+        "(the artifact was written by a newer edge-trady): upgrade edge-trady or export it again with this one",
+    ),
+    "older version": (
+        lambda a: _edit_manifest(a, lambda d: d.update(format_version=1)),
+        "manifest format version 1, this edge-trady reads version 2 (the artifact was written by an older",
     ),
     "rgn oracle": (
         lambda a: _edit_manifest(a, lambda d: d["plan"].update(method="d-det-rgn")),
         "method 'd-det-rgn' is an RGN oracle",
     ),
+    "selection out of range": (
+        lambda a: _edit_manifest(a, _widen_first_layer),
+        "the plan in its manifest does not match its graph (layer ",
+    ),
+}
+BROKEN_BY_FORMAT = {
+    "ort-training": {
+        "truncated": (_truncate("checkpoint"), "checkpoint: content does not match the manifest (truncated or edited)"),
+        "edited": (
+            _flip_byte("training_model.onnx"),
+            "training_model.onnx: content does not match the manifest (truncated or edited)",
+        ),
+        "missing file": (lambda a: (a / "layout.json").unlink(), "layout.json: missing from the artifact"),
+    },
+    "onnx": {
+        "truncated": (
+            _truncate("train_step.onnx"),
+            "train_step.onnx: content does not match the manifest (truncated or edited)",
+        ),
+        "edited": (
+            _flip_byte("inference.onnx"),
+            "inference.onnx: content does not match the manifest (truncated or edited)",
+        ),
+        "missing file": (lambda a: (a / "portable.json").unlink(), "portable.json: missing from the artifact"),
+        "replaced graph": (_replace_graph, "its inputs and outputs are not the ones portable.json names"),
+    },
 }
 
 
-@pytest.mark.parametrize("case", [*BROKEN, "wrong classes"])
-def test_broken_artifact_or_data_is_one_clear_line(artifact: Path, device, tmp_path: Path, case: str) -> None:
+@pytest.mark.parametrize("case", [*BROKEN, "truncated", "edited", "missing file", "replaced graph", "wrong classes"])
+def test_broken_artifact_or_data_is_one_clear_line(artifact: Path, device, tmp_path: Path, case: str, fmt: str) -> None:
+    """One error line, exit status 2, nothing written to the run folder."""
+    breakers = {**BROKEN, **BROKEN_BY_FORMAT[fmt]}
+    if case not in breakers and case != "wrong classes":
+        pytest.skip(f"not a {fmt} artifact case")
     copy = tmp_path / "artifact"
     shutil.copytree(artifact, copy)
     data, expected = "synthetic:4", "synthetic:3 (train, 4 per class, seed 0): 3 classes, the model has 4"
-    if case in BROKEN:
-        breaker, expected = BROKEN[case]
+    if case in breakers:
+        breaker, expected = breakers[case]
         breaker(copy)
     else:
         data = "synthetic:3"
-    done = device("run", str(copy), "--train", data, "--per-class", "4", "--out", str(tmp_path / "out"))
+    out = tmp_path / "out"
+    done = device("run", str(copy), "--train", data, "--per-class", "4", "--out", str(out))
     assert done.returncode == 2
     assert done.stderr.startswith("error:") and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert expected in done.stderr
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_too_old_onnxruntime_is_one_clear_line(artifact: Path, fmt: str, tmp_path: Path) -> None:
+    if fmt != "onnx":
+        pytest.skip("the ort-training format needs onnxruntime-training 1.19.2")
+    script = (
+        "import sys, onnxruntime; onnxruntime.__version__ = '1.16.3'; from edge_trady.cli import main; "
+        f"sys.argv = ['edge-trady', 'run', {str(artifact)!r}, '--train', 'synthetic:4', '--per-class', '4', "
+        f"'--out', {str(tmp_path / 'out')!r}]; main()"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "error: onnxruntime 1.16.3 is too old for this artifact (opset 17 needs onnxruntime >= 1.17)" in done.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_plain_onnxruntime_venv_runs_and_evaluates(artifact: Path, fmt: str, tmp_path: Path) -> None:
+    """The portable artifact on plain onnxruntime 1.32 in a venv without torch (scripts/setup.sh)."""
+    if fmt != "onnx":
+        pytest.skip("the ort-training format needs onnxruntime-training")
+    if not DEVICE_VENV.exists():
+        pytest.skip(f"no device venv at {DEVICE_VENV.parent.parent}: run scripts/setup.sh")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    probe = "import importlib.util as u, onnxruntime as o; print(o.__version__, u.find_spec('torch') is None)"
+    versions = subprocess.run([str(DEVICE_VENV), "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert versions.stdout.split() == ["1.32.0", "True"]
+    out = tmp_path / "run"
+    run = [str(DEVICE_VENV), "-m", "edge_trady", "run", str(artifact), *TRAIN, "--per-class", "8", "--epochs", "2"]
+    done = subprocess.run([*run, "--out", str(out), "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    evaluate = [str(DEVICE_VENV), "-m", "edge_trady", "evaluate", str(out / "model.onnx"), *DATA, "--per-class", "8"]
+    done = subprocess.run(evaluate, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    correct, total = map(int, re.search(r"accuracy \S+ \((\d+)/(\d+)\) loss", done.stdout).groups())
+    assert correct / total == read_jsonl(out / "metrics.jsonl")[-1]["val_acc"]
 
 
 def test_memory_guard_refuses_a_plan_that_does_not_fit_unless_forced(artifact: Path, device, tmp_path: Path) -> None:
@@ -430,3 +557,11 @@ def test_memory_guard_refuses_a_plan_that_does_not_fit_unless_forced(artifact: P
     forced = device(*args, "--force")
     assert forced.returncode == 0, forced.stderr
     assert "running anyway (--force)" in forced.stderr
+
+
+def test_export_refuses_a_format_the_plan_does_not_predict(plan_path: Path, fmt: str, tmp_path: Path) -> None:
+    other = "ort-training" if fmt == "onnx" else "onnx"
+    result = CliRunner().invoke(cli, ["export", str(plan_path), "-o", str(tmp_path / "artifact"), "--format", other])
+    assert isinstance(result.exception, ArtifactError)
+    assert f"make it with 'edge-trady plan --engine {ENGINE_OF_FORMAT[other]}'" in str(result.exception)
+    assert not (tmp_path / "artifact").exists()

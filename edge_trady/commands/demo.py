@@ -40,9 +40,9 @@ def command(out_dir: str, per_class: int, image_size: int, epochs: int, budget: 
     """Profile -> plan -> export -> run -> evaluate, on ImageNet-pretrained EfficientNet-Lite0 and a
     Fashion-MNIST subset, with TraDy. A few minutes on 2 cores.
 
-    1. profile this machine (memory, CPU, the ONNX Runtime engine's baseline);
-    2. plan: rank the layers, keep the top-K, check the budget against the usable memory;
-    3. export the ONNX Runtime training artifact;
+    1. profile this machine (memory, CPU, the ONNX Runtime baseline);
+    2. plan: rank the layers, keep the top-K, fit the budget to the usable memory (engine portable);
+    3. export the portable artifact (a training-step graph for plain onnxruntime);
     4. run it with the device runner in a fresh process that never imports torch;
     5. evaluate the exported inference model with plain onnxruntime.
     """
@@ -66,7 +66,7 @@ def command(out_dir: str, per_class: int, image_size: int, epochs: int, budget: 
         model="efficientnet-lite0",
         profile=profile,
         image_size=image_size,
-        engine="ort",
+        engine="portable",
         budget=budget,
         data=data,
         per_class=per_class,
@@ -76,7 +76,7 @@ def command(out_dir: str, per_class: int, image_size: int, epochs: int, budget: 
     plan.save(out / "plan.json")
     plot_memory(plan.estimate, plan.usable_memory_bytes, f"{plan.model} on this machine", out / "plan.png")
 
-    progress.line("[3/5] export: ONNX Runtime training artifact")
+    progress.line("[3/5] export: portable artifact (training step for plain onnxruntime)")
     manifest = export_plan(plan, out / "artifact")
 
     progress.line("[4/5] run: device runner (fresh process, no torch)")
@@ -111,7 +111,7 @@ def command(out_dir: str, per_class: int, image_size: int, epochs: int, budget: 
         "\n".join(
             [
                 "",
-                "edge-trady demo: EfficientNet-Lite0 -> Fashion-MNIST, TraDy, ONNX Runtime runner",
+                "edge-trady demo: EfficientNet-Lite0 -> Fashion-MNIST, TraDy, portable runner (plain onnxruntime)",
                 f"  device     {profile.cpu_model}, {profile.cpu_cores} cores, usable "
                 f"{format_bytes(profile.usable_memory_bytes)}",
                 f"  data       {per_class} images/class, {image_size} px, {epochs} epochs",

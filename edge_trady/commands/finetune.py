@@ -24,11 +24,12 @@ from .options import (
 @progress_options
 @click.option(
     "--engine",
-    type=click.Choice(["torch-masked", "torch-sparse", "ort"]),
+    type=click.Choice(["torch-masked", "torch-sparse", "ort", "portable"]),
     default="torch-masked",
     show_default=True,
     help="torch-masked: full backward then masked (reference); torch-sparse: stores and "
-    "computes only the selected channels; ort: ONNX Runtime training artifact.",
+    "computes only the selected channels; ort: ONNX Runtime training artifact; portable: the "
+    "portable artifact on plain onnxruntime (what 'edge-trady run' trains).",
 )
 @click.option(
     "--plan",

@@ -215,7 +215,13 @@ def _follow_run(app: Path, log: Path, env: dict, say) -> None:
 @click.option(
     "--out", "out_dir", type=click.Path(file_okay=False), default="fleet-node", show_default=True, help="Node log."
 )
-@click.option("--engine", type=click.Choice(["auto", "torch-sparse", "ort"]), default="auto", show_default=True)
+@click.option(
+    "--engine",
+    type=click.Choice(["auto", "portable", "ort", "torch-sparse"]),
+    default="auto",
+    show_default=True,
+    help="auto: the artifact format's engine (portable: plain onnxruntime) where installed, else torch-sparse.",
+)
 @click.option("--val", default=None, help="Local validation data. Default: the validation split of --data.")
 @click.option("--per-class", type=click.IntRange(1), default=None, help="At most this many images per class.")
 @click.option("--val-per-class", type=click.IntRange(1), default=None)
@@ -280,7 +286,7 @@ def node(
         val_per_class=val_per_class,
     )
     train, val_data = load_data(manifest, RunRequest(artifact_dir, data, out, val, per_class, val_per_class))
-    chosen = resolve_engine(engine)
+    chosen = resolve_engine(engine, manifest)
     (out / "flower").mkdir(parents=True, exist_ok=True)  # FLWR_HOME of the SuperNode: the apps it installs
     node_config = out / "node.toml"
     node_config.write_text(launch.toml_table(settings.to_config()))

@@ -26,10 +26,12 @@ from .options import model_options
 )
 @click.option(
     "--engine",
-    type=click.Choice(["ort", "torch-masked", "torch-sparse"]),
-    default="ort",
+    type=click.Choice(["portable", "ort", "torch-masked", "torch-sparse"]),
+    default="portable",
     show_default=True,
-    help="Engine the device will train with (memory differs a lot).",
+    help="Engine the device will train with (memory differs a lot): portable ('edge-trady run' on an "
+    "artifact of format onnx: plain onnxruntime, any CPU), ort (format ort-training, x86_64), or a "
+    "torch engine ('edge-trady finetune --plan').",
 )
 @click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--data", default=None, help="Data to rank layers with and to size the data set in memory.")

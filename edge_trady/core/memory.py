@@ -14,6 +14,10 @@ Per engine, the training parts differ:
 - ort: ONNX Runtime keeps the training graph's tensors needed for backward (the same set the
   masked engine keeps, traced), gradient accumulators for every trainable weight, the model's
   weights twice (checkpoint state and session), and its arena's slack.
+- portable: plain ONNX Runtime runs the step graph, which keeps the selected channels, 1-bit clamp
+  masks and the classifier input (traced as torch-sparse with packed masks), gradients of the
+  selected slices; the weights twice (the session's, and the graph bytes the runner writes the
+  current weights into while it creates a session). A first model, not yet fitted to measurements.
 
 A fleet node (``plan --fleet``) adds Flower's processes and messages as parts of their own
 (``fleet_parts``): the peak is then that of the node's processes together.
@@ -25,7 +29,7 @@ from dataclasses import asdict, dataclass
 
 from .budget import format_bytes
 
-ENGINES = ("torch-masked", "torch-sparse", "ort")
+ENGINES = ("torch-masked", "torch-sparse", "ort", "portable")
 PHASES = ("always", "load", "train")
 
 
@@ -92,6 +96,7 @@ class RunShape:
 WEIGHT_LOAD_FACTOR = 2.0  # PyTorch: a model's weights while they are loaded (file buffer + parameters)
 ORT_CHECKPOINT_COPIES = 2  # ORT: writing a checkpoint / exporting the model serialises the weights
 ORT_SAVED_FACTOR = 1.2  # ORT keeps ~20 % more per sample than PyTorch autograd (fitted: ORT rows)
+PORTABLE_WEIGHT_COPIES = 2  # portable: the session's weights + the graph bytes while a session starts (not fitted)
 
 
 # A fleet node (Flower 1.42, `edge-trady fleet node`), measured by bench/fleet_memory.py on x86_64
@@ -128,7 +133,7 @@ def estimate_memory(engine: str, shape: RunShape) -> MemoryEstimate:
         raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     b = shape.batch_size
     saved = shape.saved_bytes_per_sample * b + shape.saved_bytes_fixed
-    weights = shape.weight_bytes * (1 if engine == "ort" else WEIGHT_LOAD_FACTOR)
+    weights = shape.weight_bytes * {"ort": 1, "portable": PORTABLE_WEIGHT_COPIES}.get(engine, WEIGHT_LOAD_FACTOR)
     saving = shape.weight_bytes * ORT_CHECKPOINT_COPIES if engine == "ort" else 0
     if engine == "ort":
         saved = int(saved * ORT_SAVED_FACTOR)
@@ -136,6 +141,7 @@ def estimate_memory(engine: str, shape: RunShape) -> MemoryEstimate:
         "torch-masked": "full inputs of trainable layers + backprop chain (traced)",
         "torch-sparse": "selected input channels + ReLU masks (traced)",
         "ort": "training graph tensors kept for backward (traced)",
+        "portable": "selected input channels + 1-bit clamp masks (traced as torch-sparse)",
     }[engine]
     return MemoryEstimate(
         engine,
@@ -165,6 +171,13 @@ def estimate_memory(engine: str, shape: RunShape) -> MemoryEstimate:
                 "activation gradients of the widest layer",
             ),
             MemoryPart("optimizer state", 0, "train", "plain SGD keeps none"),
-            MemoryPart("checkpoint writing", int(saving), "train", "ORT serialises the weights to save them"),
+            MemoryPart(
+                "checkpoint writing",
+                int(saving),
+                "train",
+                "ORT serialises the weights to save them"
+                if engine == "ort"
+                else "the trainable tensors, written as they are",
+            ),
         ],
     )

@@ -1,9 +1,10 @@
 """Metadata files of the device path (no torch): ``manifest.json`` of a training artifact and the
 ``model.json`` sidecar of a fine-tuned inference model.
 
-The manifest says what the artifact is (the plan it was exported from, its mask inputs, input
-and preprocessing, classes, tool versions) and holds the sha256 of every other file in the
-artifact, so a truncated, edited or incomplete copy is refused before anything runs.
+The manifest says what the artifact is (its format, the plan it was exported from, the graph
+inputs that carry each layer's selection, input and preprocessing, classes, tool versions) and
+holds the sha256 of every other file in the artifact, so a truncated, edited or incomplete copy is
+refused before anything runs.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from ..core.atomic import write_json
 from ..core.plan import PLAN_VERSION, Plan
 from ..errors import ArtifactError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the format field; selection_inputs instead of masks
 MANIFEST_FILE = "manifest.json"
+FORMATS = ("onnx", "ort-training")  # portable (plain onnxruntime) / ONNX Runtime training artifact
 _CHUNK = 1 << 20
 
 
@@ -26,8 +28,9 @@ _CHUNK = 1 << 20
 class Manifest:
     """What ``edge-trady export`` wrote and ``edge-trady run`` needs to trust an artifact."""
 
+    format: str  # one of FORMATS
     plan: Plan
-    masks: dict[str, dict]  # mask input -> {"layer": name, "channels": input channels}
+    selection_inputs: dict[str, dict]  # graph input -> {"layer": name, "channels": its input channels}
     input: dict  # name, image_size, channels, dtype, layout
     normalization: dict  # Normalization.to_dict(): value = (pixel / 255 - mean) / std
     class_names: list[str] | None
@@ -47,11 +50,19 @@ class Manifest:
     def from_dict(cls, data: dict, where: str = MANIFEST_FILE) -> Manifest:
         found = data.get("format_version") if isinstance(data, dict) else None
         if found != FORMAT_VERSION:
+            newer = isinstance(found, int) and found > FORMAT_VERSION
+            fix = (
+                "upgrade edge-trady or export it again with this one"
+                if newer
+                else "export it again with this edge-trady"
+            )
             raise ArtifactError(
-                f"{where}: manifest format version {found!r}, this edge-trady reads version "
-                f"{FORMAT_VERSION}: export the artifact again with this version"
+                f"{where}: manifest format version {found!r}, this edge-trady reads version {FORMAT_VERSION} "
+                f"(the artifact was written by {'a newer' if newer else 'an older'} edge-trady): {fix}"
             )
         _require(data, cls, where)
+        if data["format"] not in FORMATS:
+            raise ArtifactError(f"{where}: unknown artifact format {data['format']!r} (known: {', '.join(FORMATS)})")
         plan = data["plan"]
         if not isinstance(plan, dict) or plan.get("version") != PLAN_VERSION:
             raise ArtifactError(f"{where}: the plan inside is not a version {PLAN_VERSION} plan")

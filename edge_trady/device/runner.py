@@ -13,7 +13,7 @@ from ..core.budget import Budget, format_bytes
 from ..core.layers import LayerCost, channel_costs
 from ..core.plan import Plan
 from ..core.selection import CandidateLayer, ChannelSampler, candidate_names, method_spec
-from ..errors import DataError, MemoryGuardError, PlanError
+from ..errors import ArtifactError, DataError, MemoryGuardError, PlanError
 from .data import Dataset, Normalization, load_dataset, validation_source
 from .loop import TrainConfig, evaluate, train
 from .manifest import Manifest, ModelInfo
@@ -142,10 +142,27 @@ def load_data(manifest: Manifest, request: RunRequest) -> tuple[Dataset, Dataset
     return train_data, val_data
 
 
+def open_engine(manifest: Manifest, artifact: Path):
+    """The engine of the artifact's format (it loads onnxruntime: only when a run really starts),
+    checked against the plan the manifest carries."""
+    if manifest.format == "onnx":
+        from ..engines.portable import PortableEngine
+
+        engine = PortableEngine(artifact)
+    else:
+        from ..engines.ort_training import OrtEngine
+
+        engine = OrtEngine(artifact)
+    for layer in manifest.plan.layer_costs:
+        if engine.layers.get(layer.name) != layer:
+            raise ArtifactError(
+                f"{artifact}: the plan in its manifest does not match its graph (layer {layer.name!r}): export it again"
+            )
+    return engine
+
+
 def run(request: RunRequest, progress: Progress) -> RunSummary:
     """Fine-tune the artifact on the device; writes the run folder and returns its summary."""
-    from ..engines.ort_training import OrtEngine  # loads onnxruntime: only when a run really starts
-
     started = time.monotonic()
     manifest = Manifest.load(request.artifact)
     plan = manifest.plan
@@ -153,7 +170,7 @@ def run(request: RunRequest, progress: Progress) -> RunSummary:
     check_memory(plan.estimate.peak_bytes, request.force, progress)
     progress.predicted_peak_bytes = plan.estimate.peak_bytes
     train_data, val_data = load_data(manifest, request)
-    engine = OrtEngine(request.artifact)
+    engine = open_engine(manifest, request.artifact)
     config = TrainConfig(
         request.epochs or plan.epochs,
         plan.batch_size,

@@ -1,4 +1,5 @@
-"""The interface every training engine implements (torch masked, torch sparse, ONNX Runtime)."""
+"""The interface every training engine implements (torch masked, torch sparse, ONNX Runtime
+training, portable)."""
 
 from __future__ import annotations
 
@@ -29,3 +30,12 @@ class Engine(Protocol):
 
     def load_state(self, directory: Path) -> None:
         """Restore what ``save_state`` wrote."""
+
+    def trainable_state(self) -> dict[str, np.ndarray]:
+        """The current value of every tensor that can change (candidate layers' full weights, the
+        classifier's weight and bias), by parameter name; read-only, valid until the next step.
+        With ``core.slices`` a caller can take out (and put back) only the selected entries.
+        Implemented by the portable engine; the torch engines get it with the fleet (issue 13)."""
+
+    def load_trainable_state(self, state: dict[str, np.ndarray]) -> None:
+        """Set every tensor ``trainable_state`` names from ``state`` (same names and shapes)."""

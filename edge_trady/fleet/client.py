@@ -30,9 +30,10 @@ from ..device.loop import evaluate
 from ..device.manifest import Manifest
 from ..device.memwatch import peak_rss_bytes
 from ..device.runner import RunRequest, load_data, plan_sampler
+from ..engines.base import Engine
 from ..errors import ArtifactError, FleetError
 from .aggregate import ClientUpdate, SliceUpdate, weight_layers
-from .engines import FleetEngine, open_engine, resolve_engine
+from .engines import open_engine, resolve_engine
 from .task import ClientReport, RoundTask
 
 NODE_LOG = "rounds.jsonl"
@@ -83,8 +84,9 @@ def check_task(task: RoundTask, manifest: Manifest, artifact: Path) -> None:
 
 def train_round(
     settings: NodeSettings, task: RoundTask, global_state: dict[str, np.ndarray]
-) -> tuple[ClientUpdate, ClientReport]:
-    """Train round ``task.round`` from ``global_state``; log it in ``settings.out``."""
+) -> tuple[ClientUpdate, ClientReport, str]:
+    """Train round ``task.round`` from ``global_state``; log it in ``settings.out``. Returns the
+    update, the report and the engine that trained (``engines.resolve_engine``)."""
     started = time.monotonic()
     manifest = Manifest.load(settings.artifact)
     check_task(task, manifest, settings.artifact)
@@ -95,7 +97,7 @@ def train_round(
         settings.artifact, settings.data, settings.out, settings.val, settings.per_class, settings.val_per_class
     )
     train_data, val_data = load_data(manifest, request)
-    kind = resolve_engine(settings.engine)
+    kind = resolve_engine(settings.engine, manifest)
     engine = open_engine(kind, settings.artifact, manifest)
     engine.load_trainable_state(global_state)
     val_loss, val_acc = evaluate(engine, val_data, plan.batch_size) if len(val_data) else (math.nan, math.nan)
@@ -126,11 +128,11 @@ def train_round(
         "selection": selection.to_json(),
     }
     append_line(settings.out / NODE_LOG, json.dumps(record))
-    return update, report
+    return update, report, kind
 
 
 def _local_epochs(
-    engine: FleetEngine,
+    engine: Engine,
     data: Dataset,
     task: RoundTask,
     lr: float,

@@ -6,7 +6,6 @@ A user-facing failure (another artifact, missing data, another protocol version)
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 
 from flwr.app import Context, Message
@@ -15,7 +14,6 @@ from flwr.clientapp import ClientApp
 from .. import __version__
 from ..errors import EdgeTradyError
 from .client import NodeSettings, train_round
-from .engines import resolve_engine
 from .protocol import GLOBAL, TASK, decode_state, read_task, refusal_content, reply_content
 
 app = ClientApp()
@@ -27,9 +25,8 @@ def train(msg: Message, context: Context) -> Message:
     info = {"node": str(config.get("name", context.node_id)), "version": __version__}
     try:
         settings = NodeSettings.from_config(config)
-        settings = dataclasses.replace(settings, engine=resolve_engine(settings.engine))
         task = read_task(msg.content[TASK])
-        update, report = train_round(settings, task, decode_state(msg.content[GLOBAL]))
+        update, report, engine = train_round(settings, task, decode_state(msg.content[GLOBAL]))
     except EdgeTradyError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return Message(refusal_content(str(exc), info), reply_to=msg)
@@ -39,4 +36,4 @@ def train(msg: Message, context: Context) -> Message:
         file=sys.stderr,
         flush=True,
     )
-    return Message(reply_content(update, report, {**info, "engine": settings.engine}), reply_to=msg)
+    return Message(reply_content(update, report, {**info, "engine": engine}), reply_to=msg)

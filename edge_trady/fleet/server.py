@@ -28,7 +28,7 @@ from ..device.manifest import Manifest, ModelInfo
 from ..device.runner import check_data
 from ..errors import EdgeTradyError, FleetError
 from .aggregate import ClientUpdate, aggregate, check_update, weight_layers
-from .engines import open_engine
+from .engines import FORMAT_ENGINES, open_engine
 from .protocol import INFO, REPORT, UPDATE, decode_update, encode_state, read_report, train_content
 from .state import MODEL_FILE, SUMMARY_FILE, FleetRun, RunFolder
 from .task import RoundTask
@@ -83,7 +83,7 @@ class FleetServer:
         self.artifact = Path(config.artifact)
         self.manifest = Manifest.load(self.artifact)
         self.plan = self.manifest.plan
-        self.engine = open_engine("ort", self.artifact, self.manifest)
+        self.engine = open_engine(FORMAT_ENGINES[self.manifest.format], self.artifact, self.manifest)
         self.layers = weight_layers(self.plan.layer_costs)
         self.folder = RunFolder(Path(config.out))
         self.refused: dict[int, str] = {}  # node ID -> why it refused (left out for the run)

@@ -27,7 +27,7 @@ from .models import BuiltModel, build_model, model_normalization
 from .ranking import DEFAULT_THRESHOLD, Ranking, build_ranking
 from .rgn import channel_rgn, layer_lara
 
-ENGINES = ("torch-masked", "torch-sparse", "ort")
+ENGINES = ("torch-masked", "torch-sparse", "ort", "portable")
 
 
 @dataclass
@@ -156,16 +156,19 @@ def make_engine(prep: Prepared, spec: FinetuneSpec, out_dir: Path, trainable: li
         from ..engines.torch_sparse import TorchSparseEngine
 
         return TorchSparseEngine(prep.built.module, prep.layers, prep.built.classifier)
+    artifact = out_dir / "artifact"
+    args = (prep.built.module, prep.layers, trainable, prep.built.classifier, spec.image_size, artifact)
     if spec.engine == "ort":
         from ..engines.ort_training import OrtEngine
         from .export.ort_training import export_training_artifact
 
-        artifact = out_dir / "artifact"
         artifact.mkdir(parents=True, exist_ok=True)
-        layout = export_training_artifact(
-            prep.built.module, prep.layers, trainable, prep.built.classifier, spec.image_size, artifact
-        )
-        return OrtEngine(artifact, layout)
+        return OrtEngine(artifact, export_training_artifact(*args))
+    if spec.engine == "portable":
+        from ..engines.portable import PortableEngine
+        from .export.portable import export_portable_artifact
+
+        return PortableEngine(artifact, export_portable_artifact(*args))
     raise EdgeTradyError(f"unknown engine {spec.engine!r}; choose from {', '.join(ENGINES)}")
 
 
@@ -219,7 +222,7 @@ def run_finetune(spec: FinetuneSpec, out_dir: Path, progress: Progress, resume: 
     if sampler.needs_scores and not isinstance(engine, TorchMaskedEngine):
         raise EdgeTradyError(f"method {spec.method!r} (an RGN oracle) needs --engine torch-masked")
     epochs = train(engine, sampler, prep.train, prep.val, config, out_dir, progress, score_fn, resume)
-    if spec.engine == "ort":
+    if spec.engine in ("ort", "portable"):
         with replacing(out_dir / "model.onnx") as tmp:
             engine.export_inference(tmp)
     else:

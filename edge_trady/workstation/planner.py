@@ -23,6 +23,7 @@ from .models import BuiltModel, build_model, model_normalization
 from .ranking import Ranking
 
 DEFAULT_TRAIN_IMAGES = 1000
+SPARSE_ENGINES = ("torch-sparse", "portable")  # keep only the selected channels: the budget trades memory
 
 
 @dataclass
@@ -31,7 +32,7 @@ class PlanRequest:
     profile: DeviceProfile
     image_size: int = 64
     batch_size: int = 32
-    engine: str = "ort"
+    engine: str = "portable"
     method: str = "trady"
     budget: str | None = None  # None: the largest that fits
     ranking: str | None = None
@@ -165,7 +166,7 @@ def _ranking(req: PlanRequest, built, train, val, progress: Progress) -> Ranking
 
 
 def _baseline(profile: DeviceProfile, engine: str) -> int:
-    key = "ort" if engine == "ort" else "torch"
+    key = "ort" if engine in ("ort", "portable") else "torch"
     value = profile.runtime_baseline_bytes.get(key)
     if value is None:
         raise PlanError(f"profile {profile.name!r} has no runtime baseline for engine {engine!r} ({key})")
@@ -175,10 +176,10 @@ def _baseline(profile: DeviceProfile, engine: str) -> int:
 def _footprint(setup: _Setup, engine: str, layers: list[LayerCost], image_size: int) -> Footprint:
     """Trace what the engine keeps when ``layers`` are trainable (all channels; sparse: one each)."""
     model = setup.built.module
-    if engine == "torch-sparse":
+    if engine in SPARSE_ENGINES:
         from ..engines.torch_sparse import TorchSparseEngine
 
-        traced = TorchSparseEngine(model, setup.layers, setup.built.classifier)
+        traced = TorchSparseEngine(model, setup.layers, setup.built.classifier, packed_masks=engine == "portable")
         selection = Selection(0, {layer.name: np.array([0]) for layer in layers}, 0.0)
     else:
         traced = TorchMaskedEngine(model, setup.layers, setup.built.classifier)
@@ -209,7 +210,7 @@ def _estimate(
     engine = engine or req.engine
     head = next(x for x in setup.layers if x.name == setup.built.classifier)
     head_bytes = (head.weight_count + head.out_channels) * 4
-    if engine == "torch-sparse":  # only the selected slices: their activations and gradients
+    if engine in SPARSE_ENGINES:  # only the selected slices: their activations and gradients
         saved_fixed = fp.saved_bytes_fixed + int(budget_bytes)
         gradients = head_bytes
     else:
@@ -239,12 +240,12 @@ def _largest_fitting(
 ) -> tuple[float, str, MemoryEstimate, list[str]]:
     """The largest budget (bytes at the batch size) whose predicted peak fits ``usable``."""
     top = sum(layer.bytes_per_channel(req.batch_size) * layer.in_channels for layer in setup.candidates)
-    if req.engine != "torch-sparse":
+    if req.engine not in SPARSE_ENGINES:
         estimate = _estimate(req, setup, full, baseline, top)
         if estimate.peak_bytes <= usable:
             note = (
                 f"the {req.engine} engine keeps the full inputs of every candidate layer whatever the "
-                "budget, so the budget is every candidate channel; use --engine torch-sparse to trade "
+                "budget, so the budget is every candidate channel; use --engine portable to trade "
                 "budget for memory"
             )
             return float(top), "bytes", estimate, [note]

@@ -19,17 +19,23 @@ from ..cost_trace import trace_layers
 from ..models import build_model
 from .forward import INPUT
 from .ort_training import export_training_artifact
+from .portable import export_portable_artifact
+
+FORMAT_OF_ENGINE = {"portable": "onnx", "ort": "ort-training"}  # the plan's engine -> what it runs
 
 
-def export_plan(plan: Plan, out_dir: Path) -> Manifest:
-    """Write the artifact of ``plan`` and its manifest to ``out_dir``; return the Manifest.
+def export_plan(plan: Plan, out_dir: Path, artifact_format: str | None = None) -> Manifest:
+    """Write the artifact of ``plan`` (format ``artifact_format``, default: the one its engine
+    runs) and its manifest to ``out_dir``; return the Manifest.
 
     The artifact is built in a sibling folder and renamed into place when complete, so a failed
     export leaves no half-written artifact behind."""
-    if plan.engine != "ort":
+    artifact_format = artifact_format or FORMAT_OF_ENGINE.get(plan.engine)
+    engine = next((e for e, f in FORMAT_OF_ENGINE.items() if f == artifact_format), None)
+    if plan.engine != engine:
         raise ArtifactError(
-            f"the plan is for engine {plan.engine!r}: its memory prediction does not hold for the "
-            "device runner (ONNX Runtime); make it with 'edge-trady plan --engine ort'"
+            f"the plan is for engine {plan.engine!r}: its memory prediction does not hold for the device runner of "
+            f"format {artifact_format or 'onnx'!r}; make it with 'edge-trady plan --engine {engine or 'portable'}'"
         )
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_FILE).is_file():
         raise ArtifactError(f"{out_dir}: exists and is not an artifact; give an empty or new folder")
@@ -38,12 +44,21 @@ def export_plan(plan: Plan, out_dir: Path) -> Manifest:
     layers = trace_layers(built.module, plan.image_size)
     staging = out_dir.with_name(f".{out_dir.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
+    args = (built.module, layers, trainable, built.classifier, plan.image_size, staging)
     try:
-        layout = export_training_artifact(built.module, layers, trainable, built.classifier, plan.image_size, staging)
-        channels = {layer.name: layer.in_channels for layer in layout.layers}
+        if artifact_format == "onnx":
+            selection = {name: layer for layer, name in export_portable_artifact(*args).channel_inputs.items()}
+            layer_costs = {layer.name: layer for layer in layers}
+        else:
+            layout = export_training_artifact(*args)
+            selection = layout.masks
+            layer_costs = {layer.name: layer for layer in layout.layers}
         manifest = Manifest(
+            format=artifact_format,
             plan=plan,
-            masks={mask: {"layer": name, "channels": channels[name]} for mask, name in layout.masks.items()},
+            selection_inputs={
+                name: {"layer": layer, "channels": layer_costs[layer].in_channels} for name, layer in selection.items()
+            },
             input={
                 "name": INPUT,
                 "image_size": plan.image_size,

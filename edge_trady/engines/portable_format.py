@@ -1,0 +1,88 @@
+"""The portable artifact's files and layout (torch-free, onnxruntime-free).
+
+An artifact directory of format ``onnx`` holds
+
+- ``train_step.onnx``: one training step, forward and backward, default-domain ONNX operators at
+  opset ``opset`` (see ``workstation.export.step_graph``); run it with the priority-based
+  execution order; the ``refreshed`` weights are float32 raw-data initializers that the runner
+  overwrites with their current value whenever it creates the session;
+- ``inference.onnx``: image in, logits out; every weight is an initializer, the trainable ones
+  float32 raw data: the runner predicts and writes the fine-tuned ``model.onnx`` with its current
+  weights written in (``core.onnx_wire``);
+- ``portable.json``: this class; ``manifest.json`` (``device.manifest``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..core.atomic import write_json
+from ..core.layers import LayerCost
+from ..errors import ArtifactError
+
+FORMAT_VERSION = 1
+LAYOUT_FILE = "portable.json"
+
+
+@dataclass
+class PortableLayout:
+    """Graph names, trainable tensors and candidate layers of a portable artifact."""
+
+    image_size: int
+    classifier: str
+    opset: int
+    min_onnxruntime: str  # oldest onnxruntime that runs the graphs
+    layers: list[LayerCost]  # candidate layers, in channel-input order
+    channel_inputs: dict[str, str]  # layer -> its int64 selected-channel input
+    weights: dict[str, list[int]]  # trainable tensor -> full shape
+    inputs: dict[str, str]  # trainable tensor -> the step input that feeds it (the full tensor or its slice)
+    refreshed: list[str]  # trainable tensors that are initializers of the step graph, written in per session
+    grads: dict[str, str]  # trainable tensor -> its gradient output (the slice for a candidate layer)
+    kept: dict[str, str]  # tensor the step keeps from forward to backward -> what it is
+    input_name: str = "input"
+    labels_name: str = "labels"
+    loss_name: str = "loss"
+    correct_name: str = "correct"
+    logits_name: str = "logits"
+    step_model: str = "train_step.onnx"
+    inference_model: str = "inference.onnx"
+    execution_order: str = "priority_based"
+    version: int = FORMAT_VERSION
+
+    @property
+    def layer_of(self) -> dict[str, str]:
+        """Candidate weight name -> its layer."""
+        return {f"{layer.name}.weight": layer.name for layer in self.layers}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = LAYOUT_FILE) -> PortableLayout:
+        found = data.get("version") if isinstance(data, dict) else None
+        if found != FORMAT_VERSION:
+            raise ArtifactError(
+                f"{where}: portable layout version {found!r}, this edge-trady reads version {FORMAT_VERSION}: "
+                "export the artifact again with this version"
+            )
+        try:
+            fields = {k: v for k, v in data.items() if k != "layers"}
+            return cls(**fields, layers=[LayerCost.from_dict(d) for d in data["layers"]])
+        except (KeyError, TypeError) as exc:
+            raise ArtifactError(f"{where}: incomplete or malformed ({exc})") from exc
+
+    def save(self, directory: Path) -> None:
+        write_json(Path(directory) / LAYOUT_FILE, self.to_dict())
+
+    @classmethod
+    def load(cls, directory: Path) -> PortableLayout:
+        path = Path(directory) / LAYOUT_FILE
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ArtifactError(f"{path}: not found (is {directory} a portable artifact?)") from None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise ArtifactError(f"{path}: unreadable ({exc})") from exc
+        return cls.from_dict(data, str(path))
