@@ -1,15 +1,17 @@
 """Fleet fine-tuning against centralized TraDy, and its uplink against full-model FedAvg.
 
-EfficientNet-Lite0 (ImageNet-pretrained) on Fashion-MNIST, trady at the budget below, torch-sparse
-on every node. A fleet of real Flower processes on 127.0.0.1 (a SuperLink and one SuperNode per
-node) trains ROUNDS rounds of one local epoch on IID and on label-skewed (Dirichlet alpha) disjoint
-partitions; the centralized run (``edge-trady finetune --plan``, same engine) trains as many epochs
-on the union of the nodes' training images. Accuracy: the same test images (Fashion-MNIST t10k,
-VAL_PER_CLASS per class) after every round / epoch. Bytes: what each node's reply carried (Flower
-``ArrayRecord.count_bytes``) against a full-model FedAvg reply (the model's ``state_dict`` as one
-ArrayRecord, what Flower's PyTorch examples send).
+EfficientNet-Lite0 (ImageNet-pretrained) on Fashion-MNIST, trady at the budget below, the portable
+engine (plain onnxruntime; ``--engine torch-sparse`` for the torch one) on every node. A fleet of
+real Flower processes on 127.0.0.1 (a SuperLink and one SuperNode per node) trains ROUNDS rounds of
+one local epoch on IID and on label-skewed (Dirichlet alpha) disjoint partitions; the centralized run
+(``edge-trady run`` on the same artifact, or ``edge-trady finetune --plan`` for torch-sparse) trains
+as many epochs on the union of the nodes' training images, with the same plan (lr, schedule, seed).
+Accuracy: the same test images (Fashion-MNIST t10k, VAL_PER_CLASS per class) after every round /
+epoch. Bytes: what each node's reply carried (Flower ``ArrayRecord.count_bytes``) against a
+full-model FedAvg reply (the model's ``state_dict`` as one ArrayRecord, what Flower's PyTorch
+examples send).
 
-    nice -n 10 python bench/fleet.py
+    nice -n 10 python bench/fleet.py --image-size 32 --per-class 100 --rounds 6
 
 Writes bench/results/fleet.csv (one row per setting and round), fleet.json (summary) and fleet.png.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import tempfile
 from pathlib import Path
@@ -26,7 +29,10 @@ import numpy as np
 from benchlib import RESULTS, cli
 from fleetlib import Fleet, make_artifact
 
+from edge_trady.core.atomic import replacing, write_json, write_text
+from edge_trady.core.plan import Plan
 from edge_trady.device.data import IMAGENET, load_dataset
+from edge_trady.device.manifest import Manifest
 from edge_trady.device.runlog import read_jsonl
 from edge_trady.fleet.partition import write_partitions
 from edge_trady.fleet.state import RunFolder
@@ -47,10 +53,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label skew")
     parser.add_argument("--val-per-class", type=int, default=100)
+    parser.add_argument("--engine", choices=["portable", "torch-sparse"], default="portable", help="of every run")
     parser.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temp folder)")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="fleet-bench-"))
-    artifact = make_artifact(work, args.image_size, args.budget, args.batch_size, args.lr)
+    artifact = make_artifact(work, args.image_size, args.budget, args.batch_size, args.lr, engine="portable")
     rows, summary = [], {"settings": vars(args) | {"work": str(work)}, "fleets": {}}
     for skew in ("iid", "labels"):
         parts = write_partitions("fashion-mnist", args.nodes, work / f"parts-{skew}", args.image_size, skew,
@@ -66,19 +73,21 @@ def main() -> None:
                 "entries_updated": record.get("touched_entries", 0), "clients": len(clients),
             })  # fmt: skip
     union = union_data(work / "parts-iid", args.nodes, args.image_size, work / "union.npz")
-    for epoch in centralized(work / "central", union, args):
+    for epoch in centralized(work / "central", artifact, union, args):
         rows.append({"setting": "centralized", "round": epoch["epoch"], "val_acc": epoch["val_acc"],
                      "uplink_bytes_per_client": 0, "downlink_bytes_per_client": 0, "entries_updated": 0,
                      "clients": 1})  # fmt: skip
-    full = full_model_bytes(work / "plan.json")
+    full = full_model_bytes(Manifest.load(artifact).plan)
     summary |= results(rows, full, args)
     RESULTS.mkdir(exist_ok=True)
-    with open(RESULTS / "fleet.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    (RESULTS / "fleet.json").write_text(json.dumps(summary, indent=1) + "\n")
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(RESULTS / "fleet.csv", table.getvalue())
+    write_json(RESULTS / "fleet.json", summary)
     plot(rows, summary, RESULTS / "fleet.png")
+    write_text(RESULTS / "fleet.md", markdown(summary))
     print(report(summary))
 
 
@@ -92,7 +101,7 @@ def run_fleet(root: Path, artifact: Path, parts: list[Path], args: argparse.Name
             "--round-timeout", "1800", "--wait-timeout", "600",
         )  # fmt: skip
         for index, data in enumerate(parts):
-            fleet.node(f"node{index}", artifact, data, "--engine", "torch-sparse")
+            fleet.node(f"node{index}", artifact, data, "--engine", args.engine)
         assert fleet.wait_exit("server", 4 * 3600) == 0, fleet.logs()
     finally:
         fleet.close()
@@ -113,25 +122,28 @@ def union_data(parts: Path, nodes: int, image_size: int, path: Path) -> Path:
     return path
 
 
-def centralized(out: Path, union: Path, args: argparse.Namespace) -> list[dict]:
-    """``edge-trady finetune --plan`` on the union, as many epochs as the fleet has rounds."""
+def centralized(out: Path, artifact: Path, union: Path, args: argparse.Namespace) -> list[dict]:
+    """The same artifact and plan trained on the union, as many epochs as the fleet has rounds:
+    ``edge-trady run`` (portable) or ``edge-trady finetune --plan`` (torch-sparse)."""
     if not (out / "summary.json").is_file():
-        cli("finetune", "--plan", str(out.parent / "plan.json"), "--data", str(union), "--engine", "torch-sparse",
-            "--epochs", str(args.rounds), "--per-class", "1000000", "--val-data", "fashion-mnist", "--val-per-class",
-            str(args.val_per_class),
-            "--out", str(out), "--quiet")  # fmt: skip
+        val = ["fashion-mnist", "--val-per-class", str(args.val_per_class), "--epochs", str(args.rounds)]
+        common = ["--per-class", "1000000", "--out", str(out), "--quiet"]
+        if args.engine == "portable":
+            cli("run", str(artifact), "--train", str(union), "--val", *val, *common)
+        else:  # the plan the artifact was exported from (fleetlib.make_artifact)
+            plan = artifact.parent / "plan-portable.json"
+            cli("finetune", "--plan", str(plan), "--data", str(union), "--engine", "torch-sparse", "--val-data", *val,
+                *common)  # fmt: skip
     initial = json.loads((out / "summary.json").read_text())["initial_val_acc"]
     return [{"epoch": 0, "val_acc": initial}, *read_jsonl(out / "metrics.jsonl")]
 
 
-def full_model_bytes(plan_path: Path) -> int:
+def full_model_bytes(plan: Plan) -> int:
     """A full-model FedAvg reply: the whole state_dict as one Flower ArrayRecord."""
     from flwr.app import ArrayRecord
 
-    from edge_trady.core.plan import Plan
     from edge_trady.workstation.models import build_model
 
-    plan = Plan.load(plan_path)
     built = build_model(plan.model, plan.num_classes, plan.image_size, plan.seed)
     return ArrayRecord(built.module.state_dict()).count_bytes()
 
@@ -175,6 +187,22 @@ def report(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def command_line(settings: dict) -> str:
+    """The command that reproduces a summary's settings."""
+    defaults = {"nodes": 4, "budget": "2%", "batch_size": 32, "alpha": 0.5, "engine": "portable"}
+    keys = ["image_size", "per_class", "rounds", "val_per_class", "lr", *defaults]
+    args = [f"--{k.replace('_', '-')} {settings[k]}" for k in keys if settings[k] != defaults.get(k)]
+    return "nice -n 10 python bench/fleet.py " + " ".join(args)
+
+
+def markdown(summary: dict) -> str:
+    """bench/results/fleet.md: the command, the table and where the per-round rows are."""
+    return (
+        f"# Fleet benchmark\n\n```\n{command_line(summary['settings'])}\n```\n\n{report(summary)}\n\n"
+        "Per round: fleet.csv; summary: fleet.json; plot: fleet.png.\n"
+    )
+
+
 def plot(rows: list[dict], summary: dict, path: Path) -> None:
     import matplotlib
 
@@ -200,7 +228,8 @@ def plot(rows: list[dict], summary: dict, path: Path) -> None:
     for x, v in enumerate(values):
         right.text(x, v / MiB, f"{v / 1024:.0f} KiB", ha="center", va="bottom")
     figure.tight_layout()
-    figure.savefig(path, dpi=90)
+    with replacing(path) as tmp:
+        figure.savefig(tmp, dpi=90, format="png")
 
 
 if __name__ == "__main__":

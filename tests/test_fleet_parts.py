@@ -228,3 +228,37 @@ def test_fleet_plan_adds_flowers_processes_as_parts_of_their_own() -> None:
     assert parts["fleet: global tensors received"].bytes == FLEET_STATE_COPIES * trainable
     assert parts["fleet: SuperNode + SuperExec"].bytes == FLEET_DAEMONS_BYTES
     assert fleet.estimate.peak_bytes - alone.estimate.peak_bytes >= FLEET_DAEMONS_BYTES
+
+
+def test_a_superlink_failure_while_pulling_replies_is_polled_again(monkeypatch) -> None:
+    """Under load the SuperLink's SQLite database can be locked and pull-messages answers HTTP 500:
+    the round keeps polling (and says so) instead of crashing the ServerApp; a node that never
+    answers is reported as timed out."""
+    from types import SimpleNamespace
+
+    from edge_trady.fleet import server as server_module
+
+    monkeypatch.setattr(server_module, "POLL_SECONDS", 0.01)
+
+    class Grid:
+        pulls = 0
+
+        def push_messages(self, messages):
+            return [f"m{m.metadata.dst_node_id}" for m in messages]
+
+        def pull_messages(self, ids):
+            self.pulls += 1
+            if self.pulls == 1:
+                raise RuntimeError("Server error '500 Internal Server Error' for url '.../pull-messages'\nmore")
+            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id="m1"))] if "m1" in ids else []
+
+    lines: list[str] = []
+    fleet = server_module.FleetServer.__new__(server_module.FleetServer)
+    fleet.config = FleetConfig(artifact="/a", out="/o", round_timeout=1.0)
+    fleet.log = lines.append
+    messages = [SimpleNamespace(metadata=SimpleNamespace(dst_node_id=node)) for node in (1, 2)]
+    replies = fleet.collect(Grid(), messages)
+    assert replies[1].metadata.reply_to_message_id == "m1"
+    assert replies[2] == "timed out after 1s"
+    assert lines == ["fleet: the SuperLink failed to hand over replies (Server error '500 Internal Server Error' "
+                     "for url '.../pull-messages'); polling again"]  # fmt: skip

@@ -175,7 +175,7 @@ class FleetServer:
         }
         deadline = time.monotonic() + self.config.round_timeout
         while pending and time.monotonic() < deadline:
-            for reply in grid.pull_messages(list(pending)):
+            for reply in self._pull(grid, list(pending)):
                 node = pending.pop(reply.metadata.reply_to_message_id, None)
                 if node is not None:
                     replies[node] = reply
@@ -183,6 +183,16 @@ class FleetServer:
                 time.sleep(POLL_SECONDS)
         replies.update({node: f"timed out after {self.config.round_timeout:.0f}s" for node in pending.values()})
         return replies
+
+    def _pull(self, grid: Grid, ids: list[str]) -> list[Message]:
+        """The replies to ``ids`` that have arrived; none when the SuperLink fails to answer (under load
+        its SQLite database can be locked: HTTP 500), so the round polls again until its timeout."""
+        try:
+            return list(grid.pull_messages(ids))
+        except Exception as exc:  # noqa: BLE001 (Flower's transports raise httpx / grpc errors alike)
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self.log(f"fleet: the SuperLink failed to hand over replies ({reason[:160]}); polling again")
+            return []
 
     def read_replies(
         self, replies: dict[int, Message | str], state: dict[str, np.ndarray]
