@@ -56,6 +56,12 @@ from .options import SEED, finite_positive, model_options
 @click.option("--lr", type=float, callback=finite_positive, default=0.125, show_default=True)
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--overflow", type=click.Choice(OVERFLOW_POLICIES), default="skip", show_default=True)
+@click.option(
+    "--fleet",
+    is_flag=True,
+    help="Plan for a fleet node ('edge-trady fleet node'): add Flower's SuperNode, SuperExec and "
+    "ClientApp memory to the prediction.",
+)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default="plan.json", show_default=True)
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a bar chart PNG of memory by part.")
 @click.option("--quiet", is_flag=True)
@@ -78,6 +84,7 @@ def command(
     lr,
     seed,
     overflow,
+    fleet,
     output,
     plot,
     quiet,
@@ -111,6 +118,7 @@ def command(
         train_images=train_images,
         seed=seed,
         overflow=overflow,
+        fleet=fleet,
         epochs=epochs,
         lr=lr,
         threshold=threshold,

@@ -18,6 +18,9 @@ Per engine, the training parts differ:
   masks and the classifier input (traced as torch-sparse with packed masks), gradients of the
   selected slices; the weights twice (the session's, and the graph bytes the runner writes the
   current weights into while it creates a session). A first model, not yet fitted to measurements.
+
+A fleet node (``plan --fleet``) adds Flower's processes and messages as parts of their own
+(``fleet_parts``): the peak is then that of the node's processes together.
 """
 
 from __future__ import annotations
@@ -95,6 +98,34 @@ WEIGHT_LOAD_FACTOR = 2.0  # PyTorch: a model's weights while they are loaded (fi
 ORT_CHECKPOINT_COPIES = 2  # ORT: writing a checkpoint / exporting the model serialises the weights
 ORT_SAVED_FACTOR = 1.2  # ORT keeps ~20 % more per sample than PyTorch autograd (fitted: ORT rows)
 PORTABLE_WEIGHT_COPIES = 2  # portable: the session's weights + the graph bytes while a session starts (not fitted)
+
+
+# A fleet node (Flower 1.42, `edge-trady fleet node`), measured by bench/fleet_memory.py on x86_64
+# (bench/results/fleet-memory.csv: EfficientNet-Lite0 48 px, 8 MiB of trainable tensors): the
+# SuperNode (162 MiB) and its SuperExec (127 MiB) are resident all the time; the round's ClientApp
+# process adds Flower's runtime (63 MiB, importing flwr-clientapp over numpy) and the global tensors
+# it receives, held ~3 times over (message bytes, decoded arrays, the engine's copy): fitted on the
+# ClientApp's VmHWM minus the same round trained without Flower (+79 MiB ort, +86 MiB torch-sparse).
+FLEET_DAEMONS_BYTES = 290 * 2**20
+FLEET_CLIENTAPP_RUNTIME_BYTES = 63 * 2**20
+FLEET_STATE_COPIES = 3
+
+
+def fleet_parts(trainable_bytes: int) -> list[MemoryPart]:
+    """What a fleet node needs besides the training itself (``trainable_bytes``: the tensors the
+    server sends each round, the candidate layers' weights and the classifier)."""
+    return [
+        MemoryPart("fleet: SuperNode + SuperExec", FLEET_DAEMONS_BYTES, "always", "Flower's node processes"),
+        MemoryPart(
+            "fleet: Flower in the ClientApp", FLEET_CLIENTAPP_RUNTIME_BYTES, "always", "flwr runtime of the round"
+        ),
+        MemoryPart(
+            "fleet: global tensors received",
+            FLEET_STATE_COPIES * trainable_bytes,
+            "train",
+            "message bytes + decoded arrays",
+        ),
+    ]
 
 
 def estimate_memory(engine: str, shape: RunShape) -> MemoryEstimate:

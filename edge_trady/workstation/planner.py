@@ -14,7 +14,7 @@ import numpy as np
 
 from ..core.budget import cap_budget, format_bytes, parse_budget
 from ..core.layers import LayerCost, full_units
-from ..core.memory import MemoryEstimate, RunShape, estimate_memory
+from ..core.memory import MemoryEstimate, RunShape, estimate_memory, fleet_parts
 from ..core.plan import Plan
 from ..core.selection import Selection, candidate_names, method_spec
 from ..device.data import Dataset, load_dataset, load_transient_bytes
@@ -55,6 +55,7 @@ class PlanRequest:
     k_rule: str = "threshold"  # or "budget" (MeDyate: budget <= 20 % of the top-K memory)
     rank_epochs: int = 1
     trust_model_code: bool = False  # allow a model factory (Python code) as ``model``
+    fleet: bool = False  # a fleet node: add Flower's processes and messages (core.memory.fleet_parts)
 
 
 @dataclass
@@ -259,7 +260,10 @@ def _estimate(
         data_load_bytes=setup.load_bytes,
         runtime_baseline_bytes=baseline,
     )
-    return estimate_memory(engine, shape)
+    estimate = estimate_memory(engine, shape)
+    if req.fleet:
+        estimate.parts += fleet_parts(sum(4 * layer.weight_count for layer in setup.candidates) + head_bytes)
+    return estimate
 
 
 def _default_budget(
