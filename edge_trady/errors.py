@@ -116,6 +116,7 @@ class Stopped(EdgeTradyError):
 
     exit_code = EXIT_STOPPED
 
+
 class FleetError(EdgeTradyError):
     """Fleet fine-tuning cannot go on: a refused or malformed update, too few clients, a run folder
     that belongs to another artifact."""
