@@ -111,6 +111,7 @@ def command(
         epochs=epochs,
         lr=lr,
         threshold=threshold,
+        compare_engines=True,
     )
     plan = make_plan(request, Progress(quiet))
     plan.save(Path(output))
@@ -140,5 +141,20 @@ def summary(plan) -> str:
         "",
         plan.estimate.table(),
     ]
+    if plan.engines:
+        lines += [
+            "",
+            f"other engines (predicted peak at this budget / classifier only; usable "
+            f"{format_bytes(plan.usable_memory_bytes)}):",
+        ]
+        width = max(len(row["engine"]) for row in plan.engines)
+        for row in plan.engines:
+            peaks = " / ".join(
+                "-" if row[k] is None else format_bytes(row[k]) for k in ("at_budget_bytes", "smallest_bytes")
+            )
+            lines.append(
+                f"  {row['engine']:<{width}}  {peaks:>21}  fits: {row['fits']}"
+                + (f" ({row['reason']})" if row["reason"] else "")
+            )
     lines += [f"note: {note}" for note in plan.notes]
     return "\n".join(lines)
