@@ -83,8 +83,10 @@ def command(
     """Plan a fine-tuning run for a device.
 
     Ranks the layers (or reads --ranking), keeps the top-K, and derives the largest channel budget whose
-    predicted whole-process peak fits the profile's usable memory (or checks --budget). Exits with
-    status 2 and says what would fit when even the classifier alone does not fit. Example:
+    predicted whole-process peak fits the profile's usable memory (or checks --budget). Prints the
+    predicted peaks of the other engines beside it (at this budget and for the classifier alone) and
+    why they do not fit. Exits with status 2 and says what would fit when even the classifier alone
+    does not fit. Example:
 
       edge-trady plan --model efficientnet-lite0 --image-size 64 --profile raspberry-pi-3b
       --data fashion-mnist --per-class 50 -o plan.json --plot plan.png
