@@ -15,11 +15,14 @@ def cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "edge_trady", *args], check=True)
 
 
-def ensure_ranking(image_size: int, per_class: int = 20, seed: int = 0) -> Path:
-    """The EfficientNet-Lite0 layer ranking at ``image_size`` (computed once: 1 epoch, lr 0.01)."""
-    path = RESULTS / f"ranking-efficientnet-lite0-{image_size}px.json"
+def ensure_ranking(
+    image_size: int, per_class: int = 20, seed: int = 0, model: str = "efficientnet-lite0", path: Path | None = None
+) -> Path:
+    """The layer ranking of ``model`` at ``image_size`` (computed once: 1 epoch, lr 0.01)."""
+    path = path or RESULTS / f"ranking-{model}-{image_size}px.json"
     if not path.exists():
-        cli("rank", "--model", "efficientnet-lite0", "--data", "fashion-mnist", "--per-class", str(per_class),
+        path.parent.mkdir(parents=True, exist_ok=True)
+        cli("rank", "--model", model, "--data", "fashion-mnist", "--per-class", str(per_class),
             "--image-size", str(image_size), "--epochs", "1", "--lr", "0.01", "--seed", str(seed), "--quiet",
             "-o", str(path))  # fmt: skip
     return path

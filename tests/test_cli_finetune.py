@@ -82,9 +82,13 @@ def test_bad_input_is_one_clear_line(tmp_path: Path, args: list[str], message: s
     assert message in result.stderr and result.stderr.startswith("error:")
 
 
-def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path: Path) -> None:
+@pytest.mark.parametrize("weighting", ["uniform", "gradnorm"])
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path: Path, weighting: str) -> None:
+    """gradnorm: the next epoch's draw depends on this epoch's gradient norms, kept in checkpoints."""
     args = [
         *BASE,
+        "--weighting",
+        weighting,
         "--method",
         "trady",
         "--budget",

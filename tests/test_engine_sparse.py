@@ -230,3 +230,47 @@ def test_bit_packing_round_trips() -> None:
     packed = pack_bits(mask)
     assert packed.dtype == torch.uint8 and packed.numel() == (mask.numel() + 7) // 8
     assert torch.equal(unpack_bits(packed, mask.shape), mask)
+
+
+def test_channel_gradient_norms_agree_between_engines(mobilenet) -> None:
+    """gradnorm weighting: both engines report ||dL/dW[:, c]|| of the selected channels (dense,
+    depthwise, a whole layer, the linear head excluded), equal to autograd's full gradient."""
+    from edge_trady.workstation.rgn import channel_grad_norms
+
+    built, layers = mobilenet
+    masked, sparse = _twins(built.module, layers, built.classifier)
+    selection = _selections(layers, epochs=1)[0]
+    selection.channels[layers[3].name] = np.arange(layers[3].in_channels)  # a whole layer too
+    for engine in (masked, sparse):
+        engine.record_grad_norms = True
+        engine.set_selection(selection)
+    x, y = _batch(5)
+    _, _, grads = masked.gradients(x, y)  # before the step: the gradient both engines use
+    by_name = {layer.name: layer for layer in layers}
+    masked.train_step(x, y, 0.01)
+    sparse.train_step(x, y, 0.01)
+    got_masked, got_sparse = masked.channel_grad_norms(), sparse.channel_grad_norms()
+    assert got_masked.keys() == got_sparse.keys() == selection.channels.keys()
+    for name, channels in selection.channels.items():
+        expected = channel_grad_norms(by_name[name], grads[name]).numpy()[channels]
+        assert expected.max() > 0
+        np.testing.assert_allclose(got_masked[name], expected, rtol=1e-5)
+        np.testing.assert_allclose(got_sparse[name], expected, rtol=1e-4, atol=1e-9)
+
+
+def test_batchnorm_shifts_train_alike_in_both_engines_and_nothing_else_moves(mobilenet) -> None:
+    from edge_trady.workstation.cost_trace import following_batchnorms
+
+    built, layers = mobilenet
+    pairs = following_batchnorms(built.module, 32)
+    selections = _selections(layers)
+    shifts = [pairs[name] for name in selections[0].channels if name in pairs]
+    before = {k: v.clone() for k, v in built.module.state_dict().items()}
+    masked = TorchMaskedEngine(built.module, layers, built.classifier, train_shifts=shifts)
+    sparse = TorchSparseEngine(copy.deepcopy(built.module), layers, built.classifier, train_shifts=shifts)
+    _assert_same_training(masked, sparse, selections, size=32, lr=0.02)
+    after = sparse.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    weights = {name + ".weight" for s in selections for name in s.channels}
+    head = {built.classifier + ".weight", built.classifier + ".bias"}
+    assert changed == weights | head | {name + ".bias" for name in shifts}  # BN scale and statistics frozen

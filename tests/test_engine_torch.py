@@ -94,3 +94,35 @@ def test_training_lowers_the_loss_on_real_data() -> None:
     for _ in range(15):
         last, _ = engine.train_step(x, y, 0.125)
     assert last < 0.5 * first
+
+
+def test_batchnorm_train_mode_is_full_fine_tuning_as_users_run_it(tiny_model) -> None:
+    """`full`: one step equals plain PyTorch SGD on every parameter with BN in train mode (batch
+    statistics, running statistics updated); prediction then uses the running statistics."""
+    import copy
+
+    built, layers = tiny_model
+    reference = copy.deepcopy(built.module)
+    for module in reference.modules():  # BatchNorm in train mode, dropout off
+        module.train(isinstance(module, torch.nn.modules.batchnorm._BatchNorm))
+    x, y = _batch()
+    loss = F.cross_entropy(reference(torch.from_numpy(x)), torch.from_numpy(y))
+    params = list(reference.parameters())
+    grads = torch.autograd.grad(loss, params)
+    with torch.no_grad():
+        for param, grad in zip(params, grads, strict=True):
+            param.add_(grad, alpha=-0.1)
+    reference.eval()
+
+    engine = TorchMaskedEngine(built.module, layers, built.classifier, batchnorm="train")
+    every = {layer.name: np.arange(layer.in_channels) for layer in layers[:-1]}
+    engine.set_selection(Selection(0, every, 0.0))
+    engine_loss, _ = engine.train_step(x, y, lr=0.1)
+    assert abs(engine_loss - float(loss)) < 1e-5
+    expected = reference.state_dict()
+    for key, value in built.module.state_dict().items():  # weights, BN affine and running statistics
+        torch.testing.assert_close(value, expected[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert not built.module.training and all(not m.training for m in built.module.modules())
+    torch.testing.assert_close(
+        torch.from_numpy(engine.predict(x)), reference(torch.from_numpy(x)), rtol=1e-4, atol=1e-5
+    )

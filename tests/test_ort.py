@@ -10,6 +10,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from helpers import randomize_batchnorm
 from torch import nn
 
 from edge_trady.core.masks import channel_mask
@@ -35,14 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 def _randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     """Non-trivial BN statistics/affine and a larger head, so every gradient matters."""
     gen = torch.Generator().manual_seed(seed)
+    randomize_batchnorm(model, gen, var_spread=1.5)
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                n = module.num_features
-                module.running_mean.copy_(torch.rand(n, generator=gen) - 0.5)
-                module.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
-                module.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                module.bias.copy_(torch.rand(n, generator=gen) * 0.4 - 0.2)
         model.classifier.weight.normal_(0, 0.5, generator=gen)
     return model
 

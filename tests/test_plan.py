@@ -83,18 +83,33 @@ def test_plan_round_trips(small_plan, tmp_path: Path) -> None:
     plan.save(tmp_path / "plan.json")
     assert Plan.load(tmp_path / "plan.json") == plan
     assert plan.estimate.peak_bytes <= plan.usable_memory_bytes
-    assert plan.budget > 0 and plan.budget_unit == "bytes"
+
+
+def test_default_budget_is_the_accuracy_efficient_share_not_all_that_fits(small_plan) -> None:
+    from edge_trady.core.layers import full_units
+    from edge_trady.workstation.cost_trace import trace_layers
+    from edge_trady.workstation.models import build_model
+
+    plan, ranking = small_plan
+    units = full_units(trace_layers(build_model("mobilenetv2-w0.35", 4, 32).module, 32))
+    assert plan.budget_unit == "units" and plan.budget == pytest.approx(0.025 * units)
+    assert any("default budget 2.5%" in note for note in plan.notes)
+    request = PlanRequest(model="mobilenetv2-w0.35", profile=load_profile("raspberry-pi-4-2gb"), image_size=32,
+                          batch_size=16, engine="torch-sparse", ranking=str(ranking), data="synthetic:4",
+                          per_class=8, budget="40%")  # fmt: skip
+    assert make_plan(request, Progress(quiet=True)).estimate.peak_bytes > plan.estimate.peak_bytes  # more would fit
 
 
 def test_sparse_plan_takes_the_largest_budget_that_fits(small_plan) -> None:
     plan, ranking = small_plan
     tight = load_profile("raspberry-pi-4-2gb")
-    tight.available_memory_bytes = plan.estimate.peak_bytes - plan.budget // 2  # half the budget no longer fits
+    tight.available_memory_bytes = plan.estimate.peak_bytes - int(plan.budget_bytes) // 2  # the default no longer fits
     request = PlanRequest(model="mobilenetv2-w0.35", profile=tight, image_size=32, batch_size=16,
                           engine="torch-sparse", ranking=str(ranking), data="synthetic:4", per_class=8)  # fmt: skip
     smaller = make_plan(request, Progress(quiet=True))
     assert smaller.estimate.peak_bytes <= tight.usable_memory_bytes < plan.estimate.peak_bytes
-    assert 0 < smaller.budget < plan.budget
+    assert smaller.budget_unit == "bytes" and 0 < smaller.budget < plan.budget_bytes
+    assert any("does not fit" in note for note in smaller.notes)
 
 
 def test_plan_file_errors_are_clear(tmp_path: Path, small_plan) -> None:

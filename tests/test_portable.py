@@ -9,6 +9,7 @@ import onnxruntime
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import randomize_batchnorm
 from torch import nn
 
 from edge_trady.core.budget import Budget
@@ -97,16 +98,7 @@ KINDS = {
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     """Non-trivial BatchNorm statistics and affine (eval mode), so that folding matters."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                n = module.num_features
-                module.running_mean.copy_(torch.rand(n, generator=gen) - 0.5)
-                module.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
-                module.weight.copy_(torch.rand(n, generator=gen) + 0.5)
-                module.bias.copy_(torch.rand(n, generator=gen) * 0.4 - 0.2)
-    return model.eval()
+    return randomize_batchnorm(model, torch.Generator().manual_seed(seed))
 
 
 def export(model: nn.Module, size: int, directory, trainable: list[str] | None = None, classifier: str = "head"):

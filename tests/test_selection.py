@@ -1,9 +1,11 @@
+import json
+
 import numpy as np
 import pytest
 
 from edge_trady.core.layers import LayerCost
 from edge_trady.core.masks import channel_mask
-from edge_trady.core.selection import METHODS, CandidateLayer, ChannelSampler, candidate_names
+from edge_trady.core.selection import METHODS, CandidateLayer, ChannelSampler, Selection, candidate_names
 from edge_trady.errors import EdgeTradyError
 
 POOL = [CandidateLayer("a", 40, 3.0), CandidateLayer("b", 16, 7.0), CandidateLayer("c", 8, 50.0)]
@@ -110,3 +112,61 @@ def test_grouped_mask_maps_input_channels_to_weight_entries() -> None:
     assert np.array_equal(mask[:, :, 0, 0], expected)
     depthwise = LayerCost("d", "dwconv", 4, 4, (3, 3), 4, (8, 8), (8, 8))
     assert channel_mask(depthwise, np.array([2]))[:, 0, 0, 0].tolist() == [0, 0, 1, 0]
+
+
+def test_gradnorm_weighting_draws_high_norm_channels_and_explores_unseen_ones() -> None:
+    layers = [CandidateLayer("hot", 50, 1.0), CandidateLayer("cold", 50, 1.0), CandidateLayer("new", 50, 1.0)]
+    sampler = ChannelSampler("trady", layers, 30.0, seed=0, weighting="gradnorm")
+    assert sampler.needs_grad_norms
+    first = sampler.select(0)  # nothing seen yet: all alike
+    assert set(first.channels) == {"hot", "cold", "new"}
+    seen = Selection(0, {"hot": np.arange(50), "cold": np.arange(50)}, 100.0)
+    sampler.observe(seen, {"hot": np.full(50, 10.0), "cold": np.full(50, 0.1)})
+    counts = {"hot": 0, "cold": 0, "new": 0}
+    for epoch in range(1, 21):
+        for name, count in sampler.select(epoch).counts().items():
+            counts[name] += count
+    # unseen channels weigh the largest norm seen (10): "new" is drawn as often as "hot", "cold" rarely
+    assert counts["cold"] < 0.1 * counts["hot"]
+    assert 0.7 < counts["new"] / counts["hot"] < 1.4
+
+
+def test_gradnorm_history_is_in_the_state_so_a_resumed_sampler_draws_the_same() -> None:
+    one = ChannelSampler("trady", POOL, 60.0, seed=4, weighting="gradnorm")
+    rng = np.random.default_rng(0)
+    for epoch in range(3):
+        selection = one.select(epoch)
+        one.observe(selection, {k: 10.0 ** rng.uniform(-3, 1, len(v)) for k, v in selection.channels.items()})
+    two = ChannelSampler("trady", POOL, 60.0, seed=4, weighting="gradnorm")
+    two.load_state(json.loads(json.dumps(one.state())))  # as a checkpoint stores it
+    assert two.select(3).to_json() == one.select(3).to_json()
+    fresh = ChannelSampler("trady", POOL, 60.0, seed=4, weighting="gradnorm")
+    assert fresh.select(3).to_json() != one.select(3).to_json()  # the history matters
+
+
+def test_sampler_state_of_older_checkpoints_still_loads() -> None:
+    sampler = ChannelSampler("s-topk-random", POOL, 60.0, seed=0)
+    old_format = sampler.select(0).to_json()  # what state() returned before it had sections
+    again = ChannelSampler("s-topk-random", POOL, 60.0, seed=1)
+    again.load_state(old_format)
+    assert again.select(5).to_json()["channels"] == old_format["channels"]
+
+
+def test_weighting_is_refused_for_non_random_methods() -> None:
+    with pytest.raises(EdgeTradyError, match="random methods"):
+        ChannelSampler("d-det-rgn", POOL, 60.0, seed=0, weighting="gradnorm")
+
+
+def test_budget_dependent_k_and_lara_ranking() -> None:
+    from edge_trady.workstation.ranking import budget_top_k, build_ranking
+
+    cost = {"a": 100.0, "b": 50.0, "c": 400.0, "d": 10.0}
+    assert budget_top_k(["a", "b", "c", "d"], cost, budget=20.0, ratio=0.2) == ["a"]  # 20 <= 0.2 * 100
+    assert budget_top_k(["a", "b", "c", "d"], cost, budget=30.0, ratio=0.2) == ["a", "b"]  # 0.2 * 150
+    assert budget_top_k(["a", "b", "c", "d"], cost, budget=31.0, ratio=0.2) == ["a", "b", "c"]
+    assert budget_top_k(["a", "b", "c", "d"], cost, budget=1e6, ratio=0.2) == ["a", "b", "c", "d"]
+    ranking = build_ranking("m", 32, {"a": 3.0, "b": 2.0, "c": 1.0}, {"a": 0.1, "b": 0.5, "c": 0.4}, 0.97)
+    assert [layer.name for layer in ranking.layers] == ["a", "b", "c"]
+    lara = ranking.rescored("lara")
+    assert [layer.name for layer in lara.layers] == ["b", "c", "a"]
+    assert lara.top_k(0.5) == ["b"] and lara.layers[0].rgn == 2.0

@@ -80,6 +80,10 @@ def command(
         fields["data"] = options["data"]
         progress.predicted_peak_bytes = plan.estimate.peak_bytes
     result = run_finetune(FinetuneSpec(**fields), Path(out_dir), progress, resume)
+    if result.accuracy_fell:
+        from ..device.loop import accuracy_fell_message
+
+        click.echo(f"warning: {accuracy_fell_message(result.initial_val_acc, result.final_val_acc)}", err=True)
     if not quiet:
         acc = f"{result.final_val_acc:.4f}" if result.final_val_acc is not None else "n/a"
         click.echo(

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import click
 
-from ..core.selection import METHODS, OVERFLOW_POLICIES
+from ..core.selection import METHODS, OVERFLOW_POLICIES, WEIGHTINGS
 
 Decorator = Callable[[Callable], Callable]
 
@@ -26,7 +26,7 @@ model_options = stack(
         "model",
         default="efficientnet-lite0",
         show_default=True,
-        help="Built-in (efficientnet-lite0, mobilenetv2-w0.35, mobilenetv2-w<width>) or a "
+        help="Built-in (efficientnet-lite0, efficientnet-lite1, mobilenetv2-w0.35, mobilenetv2-w<width>) or a "
         "factory 'path/file.py:fn' / 'package.module:fn' returning an nn.Module.",
     ),
     click.option(
@@ -126,6 +126,22 @@ selection_options = stack(
         help="A drawn channel that would overflow the budget: skip it and keep drawing, or stop.",
     ),
     click.option(
+        "--weighting",
+        type=click.Choice(WEIGHTINGS),
+        default="uniform",
+        show_default=True,
+        help="How random methods draw channels: uniformly (TraDy) or in proportion to the gradient norm "
+        "each channel had when last trained, untried channels at the largest (MeDyate).",
+    ),
+    click.option(
+        "--train-shifts",
+        type=click.Choice(["none", "candidates", "all"]),
+        default="none",
+        show_default=True,
+        help="Also train the BatchNorm shifts (biases) after the candidate layers, or after every layer; "
+        "their gradients are paid from the budget (one value per channel, no stored activation).",
+    ),
+    click.option(
         "--ranking",
         type=click.Path(dir_okay=False),
         default=None,
@@ -136,7 +152,29 @@ selection_options = stack(
         type=click.FloatRange(0, 1, min_open=True),
         default=0.97,
         show_default=True,
-        help="Cumulative RGN share that defines the top-K layers.",
+        help="Cumulative score share that defines the top-K layers (--k-rule threshold).",
+    ),
+    click.option(
+        "--rank-score",
+        type=click.Choice(["rgn", "lara"]),
+        default="rgn",
+        show_default=True,
+        help="Layer score of the ranking: RGN (TraDy) or LaRa (MeDyate: layer gradient norm / layer memory).",
+    ),
+    click.option(
+        "--k-rule",
+        type=click.Choice(["threshold", "budget"]),
+        default="threshold",
+        show_default=True,
+        help="Top-K layers: the --threshold share of the score, or the fewest whose memory M_K keeps "
+        "budget / M_K <= --k-ratio (MeDyate).",
+    ),
+    click.option(
+        "--k-ratio",
+        type=click.FloatRange(0, 1, min_open=True),
+        default=0.2,
+        show_default=True,
+        help="Budget / top-K memory ratio of --k-rule budget.",
     ),
     click.option(
         "--rank-epochs",

@@ -89,6 +89,10 @@ def command(
         checkpoint_every=checkpoint_every,
     )
     summary = run(request, Progress(quiet, progress_every))
+    if summary.accuracy_fell:
+        from ..device.loop import accuracy_fell_message
+
+        click.echo(f"warning: {accuracy_fell_message(summary.initial_val_acc, summary.final_val_acc)}", err=True)
     if not quiet:
         click.echo(
             f"val_acc {summary.final_val_acc:.4f}; peak RSS {summary.peak_rss_bytes / 2**20:.0f} MiB "

@@ -29,7 +29,8 @@ class LoopState:
     seen: int = 0
     elapsed_s: float = 0.0
     selection: dict | None = None  # the current epoch's selection (mid-epoch resume)
-    sampler: dict | None = None  # static methods: their fixed selection
+    sampler: dict | None = None  # ChannelSampler.state(): a static selection, gradient-norm history
+    grad_norm_sums: dict | None = None  # gradnorm weighting: this epoch's per-channel norm sums so far
 
 
 def save_checkpoint(run_dir: Path, engine: Engine, state: LoopState) -> Path:

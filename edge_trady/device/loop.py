@@ -36,11 +36,12 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0  # also checkpoint every N steps (0: only at epoch ends)
     budget_unit: str = "units"  # unit of the sampler's budget and costs: "units" or "bytes"
+    eval_every: int = 1  # validate every N epochs (and always after the last)
     heartbeat_every: int = 10  # heartbeat.json every N steps (0: at epoch ends only)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise EdgeTradyError("epochs and batch size must be >= 1 and the learning rate > 0")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.eval_every < 1:
+            raise EdgeTradyError("epochs, batch size and eval interval must be >= 1 and the learning rate > 0")
 
 
 class Stopped(EdgeTradyError):
@@ -71,8 +72,10 @@ def train(
     progress: Progress,
     score_fn: ScoreFn | None = None,
     resume: bool = False,
+    start_acc: float | None = None,
 ) -> list[dict]:
-    """Train for ``config.epochs``; returns every epoch's metrics (as logged)."""
+    """Train for ``config.epochs``; returns every epoch's metrics (as logged). ``start_acc``: the
+    validation accuracy before training; an epoch that ends below it is flagged in the progress."""
     steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
     schedule = make_schedule(config.lr, config.epochs, steps_per_epoch, config.warmup_epochs)
     resume = resume and has_checkpoint(run_dir)  # nothing saved yet: a fresh start
@@ -83,6 +86,13 @@ def train(
         sampler.load_state(state.sampler)
         log.truncate_to(state.epoch)
         progress.line(f"resuming at epoch {state.epoch + 1}, step {state.step_in_epoch}")
+    if sampler.needs_grad_norms:
+        if not hasattr(engine, "record_grad_norms"):
+            raise EdgeTradyError(
+                f"gradient-norm weighted sampling needs an engine that reports per-channel gradient norms "
+                f"(torch-masked, torch-sparse); {engine.name} does not"
+            )
+        engine.record_grad_norms = True
     progress.start(config.epochs, steps_per_epoch, len(train_data), state.epoch, state.step_in_epoch, state.seen)
     heartbeat = Heartbeat(run_dir, config.heartbeat_every, config.epochs, steps_per_epoch)
     if state.epoch < config.epochs:  # a finished run's folder is left as it is
@@ -102,6 +112,8 @@ def train(
                 state.correct += correct
                 state.seen += len(y)
                 state.step_in_epoch = step + 1
+                if sampler.needs_grad_norms:
+                    state.grad_norm_sums = _add_norms(state.grad_norm_sums, engine.channel_grad_norms())
                 progress.step(epoch, step + 1, state.seen, loss)
                 heartbeat.step(epoch, step + 1)
                 every = config.checkpoint_every
@@ -110,7 +122,11 @@ def train(
                     save_checkpoint(run_dir, engine, state)
                     if stop_requested():
                         raise Stopped(f"stopped by signal; resume with --resume ({run_dir})")
-            val_loss, val_acc = evaluate(engine, val_data, config.batch_size) if val_data else (None, None)
+            if sampler.needs_grad_norms and state.grad_norm_sums:
+                means = {k: np.asarray(v) / max(1, state.step_in_epoch) for k, v in state.grad_norm_sums.items()}
+                sampler.observe(selection, means)  # before the checkpoint below records the sampler
+            due = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
+            val_loss, val_acc = evaluate(engine, val_data, config.batch_size) if val_data and due else (None, None)
             metrics = EpochMetrics(
                 epoch=epoch + 1,
                 train_loss=state.loss_sum / max(1, state.seen),
@@ -130,10 +146,30 @@ def train(
             )
             log.write(metrics, selection)
             progress.line(_summary(metrics, config.epochs))
+            if fell_below(start_acc, val_acc):
+                progress.line(f"warning: {accuracy_fell_message(start_acc, val_acc)}")
             state = LoopState(epoch=epoch + 1, sampler=sampler.state())
             save_checkpoint(run_dir, engine, state)
             heartbeat.beat(FINISHED if epoch + 1 == config.epochs else TRAINING, epoch + 1, 0)
     return read_jsonl(log.metrics_path)
+
+
+def _add_norms(sums: dict | None, norms: dict[str, np.ndarray]) -> dict[str, list[float]]:
+    """Running per-channel sums of a step's gradient norms (JSON-ready: they go into checkpoints)."""
+    sums = sums or {}
+    return {k: (np.asarray(sums[k]) + v if k in sums else v).tolist() for k, v in norms.items()}
+
+
+def fell_below(start_acc: float | None, val_acc: float | None) -> bool:
+    """True when a validation accuracy ended below the accuracy before training."""
+    return start_acc is not None and val_acc is not None and val_acc < start_acc
+
+
+def accuracy_fell_message(start_acc: float, val_acc: float) -> str:
+    return (
+        f"validation accuracy fell below its starting point ({start_acc:.4f} -> {val_acc:.4f}): training "
+        "made the model worse; try a lower learning rate (--lr) or a smaller budget"
+    )
 
 
 def _epoch_selection(sampler: ChannelSampler, state: LoopState, epoch: int, score_fn: ScoreFn | None) -> Selection:

@@ -15,7 +15,7 @@ from ..core.plan import Plan
 from ..core.selection import CandidateLayer, ChannelSampler, candidate_names, method_spec
 from ..errors import ArtifactError, DataError, MemoryGuardError, PlanError
 from .data import Dataset, Normalization, load_dataset, validation_source
-from .loop import TrainConfig, evaluate, train
+from .loop import TrainConfig, evaluate, fell_below, train
 from .manifest import Manifest, ModelInfo
 from .memwatch import current_rss_bytes, peak_rss_bytes
 from .profile import available_memory_bytes
@@ -33,6 +33,7 @@ def channel_sampler(
     batch_size: int,
     seed: int,
     overflow: str,
+    weighting: str = "uniform",
 ) -> ChannelSampler:
     """The sampler of ``method`` over ``candidates``, each channel costed in the budget's unit."""
     by_name = {layer.name: layer for layer in candidates}
@@ -40,7 +41,7 @@ def channel_sampler(
     pool = [
         CandidateLayer(n, by_name[n].in_channels, channel_costs(by_name[n], budget.unit, batch_size)) for n in names
     ]
-    return ChannelSampler(method, pool, budget.amount, seed, overflow)
+    return ChannelSampler(method, pool, budget.amount, seed, overflow, weighting)
 
 
 def plan_sampler(plan: Plan) -> ChannelSampler:
@@ -50,6 +51,11 @@ def plan_sampler(plan: Plan) -> ChannelSampler:
             f"method {plan.method!r} is an RGN oracle: it scores channels with full gradients, which "
             "the device runner does not compute; plan another method (e.g. trady) or use "
             "'edge-trady finetune --engine torch-masked'"
+        )
+    if method_spec(plan.method).batchnorm != "frozen":
+        raise PlanError(
+            f"method {plan.method!r} trains BatchNorm with batch statistics, which the device engines do "
+            "not do; plan --method full-frozen-bn (or a budgeted method)"
         )
     layers = plan.layer_costs
     names = [layer.name for layer in layers]
@@ -128,6 +134,7 @@ class RunSummary:
     predicted_peak_bytes: int
     peak_rss_bytes: int
     seconds: float
+    accuracy_fell: bool = False  # final validation accuracy below the one before training
 
 
 def load_data(manifest: Manifest, request: RunRequest) -> tuple[Dataset, Dataset]:
@@ -186,7 +193,9 @@ def run(request: RunRequest, progress: Progress) -> RunSummary:
         f"({len(sampler.layers)} candidate layers), predicted peak {format_bytes(plan.estimate.peak_bytes)}"
     )
     _, initial_val_acc = evaluate(engine, val_data, plan.batch_size)
-    epochs = train(engine, sampler, train_data, val_data, config, request.out, progress, None, request.resume)
+    epochs = train(
+        engine, sampler, train_data, val_data, config, request.out, progress, None, request.resume, initial_val_acc
+    )
     model = request.out / MODEL_FILE
     with replacing(model) as tmp:
         engine.export_inference(tmp)
@@ -207,6 +216,7 @@ def run(request: RunRequest, progress: Progress) -> RunSummary:
         predicted_peak_bytes=plan.estimate.peak_bytes,
         peak_rss_bytes=peak_rss_bytes(),
         seconds=time.monotonic() - started,
+        accuracy_fell=fell_below(initial_val_acc, last["val_acc"]),
     )
     write_json(request.out / SUMMARY_FILE, asdict(summary), indent=2)
     return summary

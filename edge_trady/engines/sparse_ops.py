@@ -5,7 +5,8 @@ What each function keeps for backward (``S`` = the layer's selected input channe
 - ``SparseConv2d`` / ``SparseLinear``: ``x[:, S]`` when the layer trains (tagged ``"selected"``, or
   ``"classifier"`` for the head), and the weight when the gradient must flow further down (a model
   Parameter: no copy). The weight gradient is computed for the selected entries only.
-- ``FrozenBatchNorm``: the running variance and affine weight (model tensors: no copy).
+- ``FrozenBatchNorm``: the running variance and affine weight (model tensors: no copy); a trained
+  shift needs nothing more.
 - ``ClampMask`` (ReLU, ReLU6, Hardtanh): a bool mask, or 1 bit per element when packed.
 
 Zero padding, residual adds, global average pooling (a mean) and reshapes are left to autograd:
@@ -70,6 +71,19 @@ class WeightSlice:
             weight.add_(grad, alpha=-lr)
         else:
             _as_rows(weight).index_add_(0, self.rows, grad.reshape(len(self.rows), -1), alpha=-lr)
+
+    def channel_norms(self, grad: Tensor, groups: int) -> Tensor:
+        """``||dL/dW[:, c]||`` of each selected input channel (every channel when ``channels`` is None)
+        from the gradient of the selected entries (shape ``self.shape``)."""
+        squares = grad.pow(2)
+        if self.channels is not None:  # dense [C', |S|, ...] or grouped [|S|, C'/g, ...]
+            dim = 1 if self.outputs is None else 0
+            return squares.sum([d for d in range(grad.dim()) if d != dim]).sqrt()
+        if groups == 1:
+            return squares.sum([d for d in range(grad.dim()) if d != 1]).sqrt()
+        out, per_group = grad.shape[:2]  # whole grouped weight: input channel = group * (C/g) + j
+        per_output = squares.reshape(out, per_group, -1).sum(2)
+        return per_output.reshape(groups, out // groups, per_group).sum(1).reshape(-1).sqrt()
 
     def keep(self, x: Tensor, role: str) -> Tensor:
         """What the weight gradient needs from the input: its selected channels."""
@@ -152,7 +166,8 @@ class SparseLinear(Function):
 
 
 class FrozenBatchNorm(Function):
-    """Eval-mode batch norm: backward is the per-channel scale ``weight / sqrt(var + eps)``."""
+    """Eval-mode batch norm: backward is the per-channel scale ``weight / sqrt(var + eps)``; a trained
+    shift (``bias``) gets the per-channel sum of the output gradient (nothing saved for it)."""
 
     @staticmethod
     def forward(ctx, x, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float):
@@ -163,10 +178,15 @@ class FrozenBatchNorm(Function):
     @staticmethod
     def backward(ctx, grad):
         var, weight = ctx.saved_tensors
-        scale = torch.rsqrt(var + ctx.eps)
-        if weight is not None:
-            scale = scale * weight
-        return grad * scale.view(-1, *[1] * (grad.dim() - 2)), None, None, None, None, None
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            scale = torch.rsqrt(var + ctx.eps)
+            if weight is not None:
+                scale = scale * weight
+            grad_x = grad * scale.view(-1, *[1] * (grad.dim() - 2))
+        if ctx.needs_input_grad[4]:
+            grad_bias = grad.sum([d for d in range(grad.dim()) if d != 1])
+        return grad_x, None, None, None, grad_bias, None
 
 
 class ClampMask(Function):

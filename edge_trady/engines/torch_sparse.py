@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -58,6 +58,8 @@ class _Trainable(nn.Module):
         self.train_bias = False
         self.free: Tensor | None = None
         self.free_bias: Tensor | None = None
+        self.record_norms = False  # keep the selected channels' gradient norms of the last step
+        self.norms: Tensor | None = None
 
     def select(self, channels: Tensor | None, train_bias: bool) -> None:
         """Train ``channels`` (None: all, empty: none) and, if asked, the bias."""
@@ -89,6 +91,8 @@ class _Trainable(nn.Module):
     def sgd_(self, grads: Iterator[Tensor | None], lr: float) -> None:
         """Apply this layer's gradients, taken from ``grads`` in ``open`` order."""
         if self.part is not None and (grad := next(grads)) is not None:
+            if self.record_norms:
+                self.norms = self.part.channel_norms(grad, self.groups)
             self.part.sgd_(self.layer.weight, grad, lr)
         if self.train_bias and (grad := next(grads)) is not None:
             self.layer.bias.add_(grad, alpha=-lr)
@@ -125,17 +129,34 @@ class _Linear(_Trainable):
 
 
 class _BatchNorm(nn.Module):
+    """Frozen BatchNorm; its shift (bias) may train (``train_shift``)."""
+
     def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
         super().__init__()
         if bn.running_mean is None or bn.running_var is None:
             raise EdgeTradyError("torch-sparse needs BatchNorm layers with running statistics")
         self.bn = bn
+        self.train_shift = False
+        self.free: Tensor | None = None
+
+    def open(self) -> list[Tensor]:
+        if self.train_shift:
+            self.free = self.bn.bias.detach().requires_grad_()
+        return [self.free] if self.free is not None else []
+
+    def close(self) -> None:
+        self.free = None
+
+    def sgd_(self, grads: Iterator[Tensor | None], lr: float) -> None:
+        if self.train_shift and (grad := next(grads)) is not None:
+            self.bn.bias.add_(grad, alpha=-lr)
 
     def forward(self, x: Tensor) -> Tensor:
         bn = self.bn
-        if not (torch.is_grad_enabled() and x.requires_grad):
-            return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-        return FrozenBatchNorm.apply(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        bias = self.free if self.free is not None else bn.bias
+        if not (torch.is_grad_enabled() and (x.requires_grad or self.free is not None)):
+            return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bias, False, 0.0, bn.eps)
+        return FrozenBatchNorm.apply(x, bn.running_mean, bn.running_var, bn.weight, bias, bn.eps)
 
 
 class _Clamp(nn.Module):
@@ -171,20 +192,21 @@ def conv_geometry(conv: nn.Conv2d) -> ConvGeometry:
     return ConvGeometry(tuple(conv.stride), tuple(padding), tuple(conv.dilation), conv.groups, pad)
 
 
-def sparse_view(model: nn.Module, classifier: str, packed: bool) -> tuple[nn.Module, dict[str, _Trainable]]:
+def sparse_view(model: nn.Module, classifier: str, packed: bool) -> tuple[nn.Module, dict[str, nn.Module]]:
     """A copy of ``model``'s module tree sharing its tensors, with sparse-aware modules substituted;
-    also returns the Conv2d/Linear wrappers by qualified name. ``packed``: 1-bit activation masks."""
+    also returns the Conv2d/Linear and BatchNorm wrappers by qualified name. ``packed``: 1-bit
+    activation masks."""
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     net = copy.deepcopy(model, memo=shared).eval()
     replaced: dict[int, nn.Module] = {}
-    trainable: dict[str, _Trainable] = {}
+    trainable: dict[str, nn.Module] = {}
     for name, module in list(net.named_modules(remove_duplicate=False)):
         if id(module) not in replaced:
             substitute = _substitute(module, name == classifier, packed)
             if substitute is None:
                 continue
             replaced[id(module)] = substitute
-            if isinstance(substitute, _Trainable):
+            if isinstance(substitute, (_Trainable, _BatchNorm)):
                 trainable[name] = substitute
         parent, _, attr = name.rpartition(".")
         setattr(net.get_submodule(parent), attr, replaced[id(module)])
@@ -254,27 +276,51 @@ class TorchSparseEngine:
 
     name = "torch-sparse"
 
-    def __init__(self, model: nn.Module, layers: list[LayerCost], classifier: str, packed_masks: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[LayerCost],
+        classifier: str,
+        packed_masks: bool = False,
+        train_shifts: Sequence[str] = (),
+    ) -> None:
         self.model = model.eval()
         self.layers = {layer.name: layer for layer in layers}
         self.classifier = classifier
         for param in model.parameters():
             param.requires_grad_(False)
-        self.net, self.trainable = sparse_view(model, classifier, packed_masks)
+        self.net, wrappers = sparse_view(model, classifier, packed_masks)
+        self.trainable = {name: m for name, m in wrappers.items() if isinstance(m, _Trainable)}
+        self.shifts: list[_BatchNorm] = [wrappers[name] for name in train_shifts]
+        for norm in self.shifts:
+            norm.train_shift = True
         self.active: list[_Trainable] = []
+        self.record_grad_norms = False  # set by the loop for gradient-norm-weighted sampling
+        self._selected: dict[str, np.ndarray] = {}
         self.set_selection(Selection(0, {}, 0.0))
 
     def set_selection(self, selection: Selection) -> None:
         for module in self.active:
             module.freeze()
         wanted: dict[str, np.ndarray | None] = {self.classifier: None, **selection.channels}
+        self._selected = {name: np.unique(channels) for name, channels in selection.channels.items()}
         self.active = []
         for name, channels in wanted.items():
             index = None if channels is None else np.unique(channels).astype(np.int64)
             partial = index is not None and len(index) < self.layers[name].in_channels
             module = self.trainable[name]
             module.select(torch.from_numpy(index) if partial else None, train_bias=name == self.classifier)
+            module.record_norms, module.norms = self.record_grad_norms and name != self.classifier, None
             self.active.append(module)
+
+    def channel_grad_norms(self) -> dict[str, np.ndarray]:
+        """Per selected layer, ``||dL/dW[:, c]||`` of its selected channels (sorted) at the last step."""
+        norms = {}
+        for name, channels in self._selected.items():
+            module = self.trainable[name]
+            found = module.norms.numpy().astype(np.float64) if module.norms is not None else None
+            norms[name] = found if found is not None else np.zeros(len(channels))
+        return norms
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, int]:
         target = torch.from_numpy(y)
@@ -283,7 +329,7 @@ class TorchSparseEngine:
             loss = F.cross_entropy(logits, target)
             grads = iter(torch.autograd.grad(loss, leaves, allow_unused=True))
         with torch.no_grad():
-            for module in self.active:
+            for module in [*self.active, *self.shifts]:
                 module.sgd_(grads, lr)
         return float(loss.detach()), int((logits.detach().argmax(1) == target).sum())
 
@@ -296,6 +342,7 @@ class TorchSparseEngine:
         head = self.trainable[self.classifier]
         totals = ledger.totals()
         totals["weight_grads"] = sum(m.grad_bytes() for m in self.active if m is not head)
+        totals["weight_grads"] += sum(n.bn.bias.numel() * n.bn.bias.element_size() for n in self.shifts)
         totals["classifier_grads"] = head.grad_bytes()
         return totals
 
@@ -306,10 +353,11 @@ class TorchSparseEngine:
 
     @contextmanager
     def _leaves(self) -> Iterator[list[Tensor]]:
+        modules = [*self.active, *self.shifts]
         try:
-            yield [leaf for module in self.active for leaf in module.open()]
+            yield [leaf for module in modules for leaf in module.open()]
         finally:
-            for module in self.active:
+            for module in modules:
                 module.close()
 
     def predict(self, x: np.ndarray) -> np.ndarray:

@@ -25,6 +25,13 @@ def trace_layers(model: nn.Module, image_size: int) -> list[LayerCost]:
         order.append(name)
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    _probe_forward(model, handles, image_size)
+    return [seen[name] for name in order]
+
+
+def _probe_forward(model: nn.Module, handles: list, image_size: int) -> None:
+    """One eval-mode forward of a ``[1, 3, S, S]`` zero image; then ``handles`` are removed and
+    the model's train/eval mode is restored."""
     was_training = model.training
     try:
         model.eval()
@@ -34,7 +41,6 @@ def trace_layers(model: nn.Module, image_size: int) -> list[LayerCost]:
         for handle in handles:
             handle.remove()
         model.train(was_training)
-    return [seen[name] for name in order]
 
 
 def _layer_cost(name: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> LayerCost:
@@ -59,3 +65,27 @@ def _layer_cost(name: str, module: nn.Module, x: torch.Tensor, y: torch.Tensor) 
         (x.shape[2], x.shape[3]),
         (y.shape[2], y.shape[3]),
     )
+
+
+def following_batchnorms(model: nn.Module, image_size: int) -> dict[str, str]:
+    """Conv2d name -> the BatchNorm that normalises its output directly (conv -> BN pairs)."""
+    produced: dict[int, str] = {}
+    pairs: dict[str, str] = {}
+    names = {module: name for name, module in model.named_modules()}
+
+    def after_conv(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        produced[id(output)] = names[module]
+
+    def before_norm(module: nn.Module, inputs: tuple) -> None:
+        conv = produced.get(id(inputs[0]))
+        if conv is not None:
+            pairs[conv] = names[module]
+
+    handles = [m.register_forward_hook(after_conv) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    handles += [
+        m.register_forward_pre_hook(before_norm)
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    ]
+    _probe_forward(model, handles, image_size)
+    return pairs

@@ -13,21 +13,22 @@ import torch
 
 from ..core.atomic import replacing, write_json
 from ..core.budget import Budget, parse_budget
-from ..core.layers import LayerCost, full_units
+from ..core.layers import BYTES_PER_UNIT, LayerCost, channel_costs, full_units
 from ..core.selection import CandidateLayer, ChannelSampler, Selection, method_spec
 from ..device.data import Dataset, epoch_order, load_dataset, validation_source
-from ..device.loop import TrainConfig, evaluate, train
+from ..device.loop import TrainConfig, evaluate, fell_below, train
 from ..device.memwatch import peak_rss_bytes
 from ..device.progress import Progress
 from ..device.runner import channel_sampler
 from ..engines.torch_masked import TorchMaskedEngine
 from ..errors import EdgeTradyError
-from .cost_trace import trace_layers
+from .cost_trace import following_batchnorms, trace_layers
 from .models import BuiltModel, build_model, model_normalization
-from .ranking import DEFAULT_THRESHOLD, Ranking, build_ranking
+from .ranking import DEFAULT_K_RATIO, DEFAULT_THRESHOLD, K_RULES, Ranking, budget_top_k, build_ranking
 from .rgn import channel_rgn, layer_lara
 
 ENGINES = ("torch-masked", "torch-sparse", "ort", "portable")
+SHIFT_SCOPES = ("none", "candidates", "all")
 
 
 @dataclass
@@ -48,14 +49,20 @@ class FinetuneSpec:
     warmup_epochs: int | None = None
     seed: int = 0
     overflow: str = "skip"
+    weighting: str = "uniform"  # channel draw: "uniform" (TraDy) or "gradnorm" (MeDyate)
     ranking: str | None = None  # path to ranking.json; computed when needed and absent
     rank_epochs: int = 1
     rank_lr: float = 0.01  # full fine-tuning for the ranking diverges at 0.125 (docs/reproduction.md)
     threshold: float = DEFAULT_THRESHOLD
+    rank_score: str = "rgn"  # layer score of the ranking: "rgn" (TraDy) or "lara" (MeDyate)
+    k_rule: str = "threshold"  # top-K: "threshold" share of the score, or "budget" (B_mem / M_K <= k_ratio)
+    k_ratio: float = DEFAULT_K_RATIO
+    train_shifts: str = "none"  # BatchNorm shifts trained too: "none", "candidates" (after candidate layers), "all"
     top_k: list[str] | None = None  # explicit candidate layers (from a plan)
     engine: str = "torch-masked"
     score_batches: int = 4  # batches used to score channels for the RGN oracles
     checkpoint_every: int = 0
+    eval_every: int = 1  # validate every N epochs (and after the last)
 
 
 @dataclass
@@ -92,8 +99,41 @@ def prepare(spec: FinetuneSpec) -> Prepared:
     return Prepared(built, layers, train_data, val_data, budget, total)
 
 
-def make_sampler(prep: Prepared, spec: FinetuneSpec, top_k: list[str] | None) -> ChannelSampler:
-    return channel_sampler(spec.method, prep.candidates, top_k, prep.budget, spec.batch_size, spec.seed, spec.overflow)
+def make_sampler(prep: Prepared, spec: FinetuneSpec, top_k: list[str] | None, reserved: float = 0.0) -> ChannelSampler:
+    """The method's sampler; ``reserved`` (in the budget's unit) is taken off the channel budget."""
+    budget = Budget(prep.budget.amount - reserved, prep.budget.unit)
+    return channel_sampler(
+        spec.method, prep.candidates, top_k, budget, spec.batch_size, spec.seed, spec.overflow, spec.weighting
+    )
+
+
+def shift_layers(prep: Prepared, spec: FinetuneSpec, candidates: list[str]) -> list[str]:
+    """BatchNorm layers whose shift trains (``spec.train_shifts``: after the candidate layers, or all)."""
+    if spec.train_shifts == "none":
+        return []
+    if spec.train_shifts not in SHIFT_SCOPES:
+        raise EdgeTradyError(f"train_shifts must be one of {SHIFT_SCOPES}, got {spec.train_shifts!r}")
+    pairs = following_batchnorms(prep.built.module, spec.image_size)
+    convs = candidates if spec.train_shifts == "candidates" else [layer.name for layer in prep.candidates]
+    return [pairs[name] for name in convs if name in pairs]
+
+
+def shift_cost(prep: Prepared, shifts: list[str]) -> float:
+    """Budget the shifts take: one gradient value per channel (no stored activation), in the budget's unit."""
+    values = sum(prep.built.module.get_submodule(name).num_features for name in shifts)
+    return float(values * (BYTES_PER_UNIT if prep.budget.unit == "bytes" else 1))
+
+
+def choose_top_k(ranking: Ranking, prep: Prepared, spec: FinetuneSpec) -> list[str]:
+    """The candidate layers of a top-K method: by ``spec.rank_score``, with ``spec.k_rule``."""
+    ranking = ranking.rescored(spec.rank_score)
+    if spec.k_rule == "threshold":
+        return ranking.top_k(spec.threshold)
+    if spec.k_rule != "budget":
+        raise EdgeTradyError(f"unknown K rule {spec.k_rule!r}; choose from {', '.join(K_RULES)}")
+    unit = prep.budget.unit
+    cost = {c.name: channel_costs(c, unit, spec.batch_size) * c.in_channels for c in prep.candidates}
+    return budget_top_k([layer.name for layer in ranking.layers], cost, prep.budget.amount, spec.k_ratio)
 
 
 def compute_ranking(prep: Prepared, spec: FinetuneSpec, progress: Progress, score: str = "rgn") -> Ranking:
@@ -149,13 +189,21 @@ def rgn_score_fn(engine: TorchMaskedEngine, prep: Prepared, sampler: ChannelSamp
     return score
 
 
-def make_engine(prep: Prepared, spec: FinetuneSpec, out_dir: Path, trainable: list[str]):
+def make_engine(prep: Prepared, spec: FinetuneSpec, out_dir: Path, trainable: list[str], shifts: list[str] = ()):
+    batchnorm = method_spec(spec.method).batchnorm
     if spec.engine == "torch-masked":
-        return TorchMaskedEngine(prep.built.module, prep.layers, prep.built.classifier)
+        return TorchMaskedEngine(prep.built.module, prep.layers, prep.built.classifier, batchnorm, shifts)
+    if batchnorm != "frozen":
+        raise EdgeTradyError(
+            f"method {spec.method!r} trains BatchNorm with batch statistics, which only the torch-masked "
+            "engine does: use --engine torch-masked, or --method full-frozen-bn"
+        )
     if spec.engine == "torch-sparse":
         from ..engines.torch_sparse import TorchSparseEngine
 
-        return TorchSparseEngine(prep.built.module, prep.layers, prep.built.classifier)
+        return TorchSparseEngine(prep.built.module, prep.layers, prep.built.classifier, train_shifts=shifts)
+    if shifts:
+        raise EdgeTradyError("training BatchNorm shifts needs --engine torch-masked or torch-sparse")
     artifact = out_dir / "artifact"
     args = (prep.built.module, prep.layers, trainable, prep.built.classifier, spec.image_size, artifact)
     if spec.engine == "ort":
@@ -185,6 +233,8 @@ class FinetuneResult:
     final_train_loss: float
     peak_rss_bytes: int
     seconds: float
+    accuracy_fell: bool = False  # final validation accuracy below the one before training
+    shift_cost: float = 0.0  # budget taken by BatchNorm shifts (train_shifts), in budget_unit
     epochs: list[dict] = field(default_factory=list)
 
 
@@ -200,9 +250,17 @@ def run_finetune(spec: FinetuneSpec, out_dir: Path, progress: Progress, resume: 
             progress.line(f"ranking layers ({spec.rank_epochs} epoch(s) of full fine-tuning)")
             ranking = compute_ranking(prep, spec, progress)
             ranking.save(out_dir / "ranking.json")
-        top_k = ranking.top_k(spec.threshold)
+        top_k = choose_top_k(ranking, prep, spec)
     sampler = make_sampler(prep, spec, top_k)
-    engine = make_engine(prep, spec, out_dir, [layer.name for layer in sampler.layers])
+    shifts = shift_layers(prep, spec, [layer.name for layer in sampler.layers])
+    if shifts and sampler.budget is not None:  # the shifts' gradients are paid from the budget
+        reserved = shift_cost(prep, shifts)
+        if reserved > prep.budget.amount:
+            raise EdgeTradyError(f"the BatchNorm shifts alone ({reserved:,.0f}) exceed the budget {prep.budget}")
+        sampler = make_sampler(prep, spec, top_k, reserved)
+    else:
+        reserved = 0.0
+    engine = make_engine(prep, spec, out_dir, [layer.name for layer in sampler.layers], shifts)
     initial_loss, initial_acc = evaluate(engine, prep.val, spec.batch_size)
     progress.line(
         f"{spec.model} on {prep.train.source}: {len(prep.train)} train / {len(prep.val)} val images, "
@@ -217,11 +275,12 @@ def run_finetune(spec: FinetuneSpec, out_dir: Path, progress: Progress, resume: 
         spec.seed,
         spec.checkpoint_every,
         prep.budget.unit,
+        spec.eval_every,
     )
     score_fn = rgn_score_fn(engine, prep, sampler, spec) if sampler.needs_scores else None
     if sampler.needs_scores and not isinstance(engine, TorchMaskedEngine):
         raise EdgeTradyError(f"method {spec.method!r} (an RGN oracle) needs --engine torch-masked")
-    epochs = train(engine, sampler, prep.train, prep.val, config, out_dir, progress, score_fn, resume)
+    epochs = train(engine, sampler, prep.train, prep.val, config, out_dir, progress, score_fn, resume, initial_acc)
     if spec.engine in ("ort", "portable"):
         with replacing(out_dir / "model.onnx") as tmp:
             engine.export_inference(tmp)
@@ -240,6 +299,8 @@ def run_finetune(spec: FinetuneSpec, out_dir: Path, progress: Progress, resume: 
         final_train_loss=epochs[-1]["train_loss"],
         peak_rss_bytes=peak_rss_bytes(),
         seconds=time.monotonic() - started,
+        accuracy_fell=fell_below(initial_acc, epochs[-1]["val_acc"]),
+        shift_cost=reserved,
         epochs=epochs,
     )
     write_json(out_dir / "summary.json", asdict(result), indent=2)

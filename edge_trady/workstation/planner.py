@@ -1,5 +1,9 @@
-"""Make a plan: pick the layers and the largest channel budget whose predicted whole-process
-peak fits the device's usable memory (workstation side, needs torch)."""
+"""Make a plan: pick the layers and a channel budget whose predicted whole-process peak fits the
+device's usable memory (workstation side, needs torch).
+
+Default budget: ``DEFAULT_BUDGET`` of the full fine-tuning units, the accuracy-efficient one (past it,
+more budget bought no accuracy in ``docs/reproduction.md``), or the largest that fits when that is
+smaller. A larger budget is never taken by default just because the memory is there."""
 
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from .models import BuiltModel, build_model, model_normalization
 from .ranking import Ranking
 
 DEFAULT_TRAIN_IMAGES = 1000
+DEFAULT_BUDGET = "2.5%"  # accuracy-efficient share of full fine-tuning units (docs/reproduction.md)
 SPARSE_ENGINES = ("torch-sparse", "portable")  # keep only the selected channels: the budget trades memory
 
 
@@ -34,7 +39,7 @@ class PlanRequest:
     batch_size: int = 32
     engine: str = "portable"
     method: str = "trady"
-    budget: str | None = None  # None: the largest that fits
+    budget: str | None = None  # None: DEFAULT_BUDGET, or the largest that fits if smaller
     ranking: str | None = None
     data: str | None = None
     per_class: int | None = None
@@ -64,6 +69,11 @@ class _Setup:
 
 
 def make_plan(req: PlanRequest, progress: Progress) -> Plan:
+    if method_spec(req.method).batchnorm != "frozen" and req.engine != "torch-masked":
+        raise PlanError(
+            f"method {req.method!r} trains BatchNorm with batch statistics, which only the torch-masked engine "
+            "does: plan --engine torch-masked, or --method full-frozen-bn"
+        )
     setup = _setup(req, progress)
     usable = req.profile.usable_memory_bytes
     baseline = _baseline(req.profile, req.engine)
@@ -76,7 +86,7 @@ def make_plan(req: PlanRequest, progress: Progress) -> Plan:
             _refuse(req, setup, estimate, usable, f"budget {req.budget}")
         notes = []
     else:
-        amount, unit, estimate, notes = _largest_fitting(req, setup, full, baseline, usable)
+        amount, unit, estimate, notes = _default_budget(req, setup, full, baseline, usable)
     engines = (
         _compare_engines(req, setup, usable, _budget_bytes(setup, req, amount, unit)) if req.compare_engines else []
     )
@@ -234,6 +244,22 @@ def _estimate(
         runtime_baseline_bytes=baseline,
     )
     return estimate_memory(engine, shape)
+
+
+def _default_budget(
+    req: PlanRequest, setup: _Setup, full: Footprint, baseline: int, usable: int
+) -> tuple[float, str, MemoryEstimate, list[str]]:
+    """DEFAULT_BUDGET when it fits (memory to spare buys no accuracy past it), else the largest that fits."""
+    budget = parse_budget(DEFAULT_BUDGET).resolve(full_units(setup.layers))
+    estimate = _estimate(req, setup, full, baseline, _budget_bytes(setup, req, budget.amount, budget.unit))
+    if estimate.peak_bytes <= usable:
+        note = (
+            f"default budget {DEFAULT_BUDGET} of full fine-tuning: the accuracy-efficient one (more bought no "
+            "accuracy in docs/reproduction.md); --budget to choose another"
+        )
+        return budget.amount, budget.unit, estimate, [note]
+    amount, unit, estimate, notes = _largest_fitting(req, setup, full, baseline, usable)
+    return amount, unit, estimate, [*notes, f"the default budget {DEFAULT_BUDGET} does not fit: the largest that does"]
 
 
 def _largest_fitting(

@@ -2,12 +2,16 @@
 
 ``RGN_i = sum_steps sum_c ||dL/dW_i[:, c]|| / (Cw + Ca)``; the top-K set is the smallest prefix of
 layers (sorted by RGN) whose cumulative share reaches the threshold (97 % by default).
-LaRa (MeDyate) is recorded too: ``sum_steps ||dL/dW_i|| / sum_c (Cw + Ca)``.
+LaRa (MeDyate) is recorded too: ``sum_steps ||dL/dW_i|| / sum_c (Cw + Ca)``; ``rescored("lara")``
+ranks by it. K rules: ``threshold`` (the paper: the smallest prefix reaching the threshold share) or
+``budget`` (MeDyate, ``budget_top_k``: the smallest prefix whose memory ``M_K`` keeps
+``B_mem / M_K <= ratio``, 0.2 by default, so that the budget covers at most a fifth of the pool).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -15,6 +19,9 @@ from ..core.atomic import write_json
 from ..errors import EdgeTradyError
 
 DEFAULT_THRESHOLD = 0.97
+SCORES = ("rgn", "lara")
+K_RULES = ("threshold", "budget")
+DEFAULT_K_RATIO = 0.2
 
 
 @dataclass
@@ -48,6 +55,14 @@ class Ranking:
                 break
         return names
 
+    def rescored(self, score: str) -> Ranking:
+        """The same measurements ranked by ``score`` ("rgn" or "lara")."""
+        if score == self.score:
+            return self
+        rgn = {layer.name: layer.rgn for layer in self.layers}
+        lara = {layer.name: layer.lara for layer in self.layers}
+        return build_ranking(self.model, self.image_size, rgn, lara, self.threshold, score, self.source)
+
     def save(self, path: Path) -> None:
         write_json(Path(path), asdict(self), indent=2)
 
@@ -75,6 +90,8 @@ def build_ranking(
     """Sort layers by ``score`` ("rgn" or "lara") and compute shares and K."""
     if not 0 < threshold <= 1:
         raise EdgeTradyError(f"threshold must be in (0, 1], got {threshold}")
+    if score not in SCORES:
+        raise EdgeTradyError(f"layer score must be one of {SCORES}, got {score!r}")
     values = rgn if score == "rgn" else lara
     total = sum(values.values()) or 1.0
     cumulative = 0.0
@@ -86,3 +103,17 @@ def build_ranking(
     ranking = Ranking(model, image_size, threshold, 0, scores, score, source or {})
     ranking.k = len(ranking.top_k())
     return ranking
+
+
+def budget_top_k(order: list[str], layer_cost: Mapping[str, float], budget: float, ratio: float) -> list[str]:
+    """The smallest prefix of ``order`` whose summed ``layer_cost`` (every channel of each layer, in the
+    budget's unit) is at least ``budget / ratio``; every layer when none is."""
+    if not 0 < ratio <= 1:
+        raise EdgeTradyError(f"K ratio must be in (0, 1], got {ratio}")
+    names, total = [], 0.0
+    for name in order:
+        names.append(name)
+        total += layer_cost[name]
+        if budget <= ratio * total:
+            break
+    return names
