@@ -29,7 +29,7 @@ Options:
   --out FILE       JSON result (default: bench/results/pi-zero-512mb.json)
   -h, --help       this help
 
-Environment: IMAGE_SIZE (128), BATCH (16), BUDGET (2%; empty: the planner's largest that fits),
+Environment: IMAGE_SIZE (128), BATCH (16), BUDGET (2%; empty: the planner's default budget),
 PER_CLASS (50), EPOCHS (2), LR (0.02), MEMORY (512m),
 TOLERANCE (0.10), EDGE_TRADY_CACHE (~/.cache/edge-trady), EDGE_TRADY_FMNIST.
 EOF
@@ -43,7 +43,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 # images) that fits the Zero 2 W with the portable engine; batch 32 at 128 px leaves a budget of
 # 1 MiB. The torch engines need more than the usable memory even for the classifier alone (the
 # torch runtime is 227 MiB of the 352 MiB usable), and no onnxruntime-training wheel exists for
-# aarch64. BUDGET= (empty) takes the planner's largest budget instead.
+# aarch64. BUDGET= (empty) takes the planner's default budget instead.
 PROFILE_NAME=raspberry-pi-zero-2w
 IMAGE_SIZE=${IMAGE_SIZE:-128}
 BATCH=${BATCH:-16}
@@ -98,7 +98,8 @@ chown -R 10001:10001 "$WORK" 2>/dev/null || chmod -R a+rwX "$WORK"
 
 et_step "4. run in the container (--memory $MEMORY --memory-swap $MEMORY, no network)"
 run() {
-    # the cgroup's own peak (cgroup v2 memory.peak, v1 max_usage_in_bytes; page cache included)
+    # the container cgroup's peak charge (v2 memory.peak, v1 max_usage_in_bytes): the limit applies to
+    # it; file pages already cached by an earlier container are not charged again
     docker run --rm --memory "$MEMORY" --memory-swap "$MEMORY" --network none -v "$WORK:/work" \
         --entrypoint sh "$TAG" -c 'edge-trady run /work/artifact --train fashion-mnist:/work/data \
             --per-class "$0" --out /work/run --quiet; rc=$?
@@ -133,7 +134,7 @@ print(f"    predicted peak (plan, {plan['profile']['name']}): {predicted / mib:.
       f"{plan['usable_memory_bytes'] / mib:.1f} MiB")
 print(f"    measured peak (VmHWM, summary.json):   {measured / mib:.1f} MiB  ({error:+.1%}, tolerance +-{tol:.0%})")
 if cgroup:
-    print(f"    container cgroup memory.peak:           {int(cgroup) / mib:.1f} MiB (page cache included; limit {memory})")
+    print(f"    container cgroup peak charge:          {int(cgroup) / mib:.1f} MiB (limit {memory})")
 for row in plan.get("engines", []):
     peaks = [row[k] and f"{row[k] / mib:.1f}" for k in ("at_budget_bytes", "smallest_bytes")]
     print(f"    other engine {row['engine']:<13} at budget {peaks[0]} MiB, classifier only {peaks[1]} MiB: "
