@@ -93,8 +93,10 @@ def command(
 
     Ranks the layers (or reads --ranking), keeps the top-K, and checks that the channel budget's
     predicted whole-process peak fits the profile's usable memory: --budget, or by default 2.5% of
-    full fine-tuning (more bought no accuracy), lowered to the largest that fits if needed. Exits with
-    status 2 and says what would fit when even the classifier alone does not fit. Example:
+    full fine-tuning (more bought no accuracy), lowered to the largest that fits if needed. Prints the
+    predicted peaks of the other engines beside it (at this budget and for the classifier alone) and
+    why they do not fit. Exits with status 2 and says what would fit when even the classifier alone
+    does not fit. Example:
 
       edge-trady plan --model efficientnet-lite0 --image-size 64 --profile raspberry-pi-3b
       --data fashion-mnist --per-class 50 -o plan.json --plot plan.png
@@ -123,6 +125,7 @@ def command(
         lr=lr,
         threshold=threshold,
         trust_model_code=trust_model_code,
+        compare_engines=True,
     )
     plan = make_plan(request, Progress(quiet))
     plan.save(Path(output))
@@ -152,5 +155,20 @@ def summary(plan) -> str:
         "",
         plan.estimate.table(),
     ]
+    if plan.engines:
+        lines += [
+            "",
+            f"other engines (predicted peak at this budget / classifier only; usable "
+            f"{format_bytes(plan.usable_memory_bytes)}):",
+        ]
+        width = max(len(row["engine"]) for row in plan.engines)
+        for row in plan.engines:
+            peaks = " / ".join(
+                "-" if row[k] is None else format_bytes(row[k]) for k in ("at_budget_bytes", "smallest_bytes")
+            )
+            lines.append(
+                f"  {row['engine']:<{width}}  {peaks:>21}  fits: {row['fits']}"
+                + (f" ({row['reason']})" if row["reason"] else "")
+            )
     lines += [f"note: {note}" for note in plan.notes]
     return "\n".join(lines)
