@@ -7,7 +7,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	edge-trady demo
+	edge-trady demo --overwrite
 
 test: setup
 	$(PYTHON) -m pytest

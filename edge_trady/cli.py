@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 
 import click
 
 from . import __version__
-from .errors import EdgeTradyError
+from .errors import EXIT_INTERNAL, EXIT_STATUSES, EXIT_STOPPED, EdgeTradyError, out_of_memory
+
+DEBUG_ENV = "EDGE_TRADY_DEBUG"  # set to 1: let unexpected exceptions show their traceback
 
 # name -> (module under edge_trady.commands, one-line help shown by ``edge-trady --help``)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -28,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("evaluate", "Report the accuracy of an inference ONNX model on a data set."),
     "report": ("report", "Summarise a run folder and draw it (accuracy, memory, budget, channels per layer)."),
     "health": ("health", "Exit 0 if a run is making progress (its heartbeat is recent), 1 if not."),
+    "fleet": ("fleet", "Fine-tune one model on many devices over Flower (server, node, partition)."),
 }
 
 
@@ -55,7 +59,16 @@ def _module_exists(module: str) -> bool:
     return importlib.util.find_spec(f"edge_trady.commands.{module}") is not None
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def _exit_status_epilog() -> str:
+    rows = "\n".join(f"  {code:<4} {meaning}" for code, meaning in EXIT_STATUSES.items())
+    return f"\b\nExit status:\n{rows}"
+
+
+@click.group(
+    cls=LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=_exit_status_epilog(),
+)
 @click.version_option(__version__, prog_name="edge-trady")
 def cli() -> None:
     """Memory-budgeted fine-tuning on edge devices with TraDy.
@@ -65,17 +78,37 @@ def cli() -> None:
     """
 
 
-def main() -> None:
+def main(args: list[str] | None = None) -> None:
+    """The console entry point: every failure ends in one ``error: ...`` line and its exit status."""
     try:
-        cli.main(standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
+        cli.main(args, standalone_mode=False)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("stopped", err=True)
+        sys.exit(EXIT_STOPPED)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except EdgeTradyError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except Exception as exc:
+        error = user_error(exc)
+        if error is None and os.environ.get(DEBUG_ENV):
+            raise
+        if error is None:
+            text = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+            click.echo(f"error: internal error ({text}); {DEBUG_ENV}=1 shows the traceback", err=True)
+            sys.exit(EXIT_INTERNAL)
+        click.echo(f"error: {error}", err=True)
+        sys.exit(error.exit_code)
+
+
+def user_error(exc: BaseException) -> EdgeTradyError | None:
+    """``exc`` as the user-facing error it stands for, or None for a bug."""
+    if isinstance(exc, EdgeTradyError):
+        return exc
+    if (oom := out_of_memory(exc)) is not None:
+        return oom
+    if isinstance(exc, OSError):
+        where = " -> ".join(str(name) for name in (exc.filename, exc.filename2) if name is not None)
+        return EdgeTradyError(f"{where + ': ' if where else ''}{exc.strerror or exc}")
+    return None

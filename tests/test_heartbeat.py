@@ -33,6 +33,9 @@ class RecordingEngine:
         self.steps = 0
         self.seen: list[dict | None] = []
 
+    def weights_finite(self) -> bool:
+        return bool(np.isfinite(self.w).all())
+
     def set_selection(self, selection: Selection) -> None:
         pass
 

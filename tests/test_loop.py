@@ -36,6 +36,9 @@ class _Forgetful:
     def load_state(self, directory: Path) -> None:
         pass
 
+    def weights_finite(self) -> bool:
+        return True
+
 
 def _data() -> Dataset:
     labels = np.arange(16) % 4
@@ -47,8 +50,8 @@ def _data() -> Dataset:
 def test_accuracy_below_its_starting_point_is_said_plainly(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     sampler = ChannelSampler("classifier-only", [CandidateLayer("l", 4, 1.0)], None, seed=0)
     engine = _Forgetful()
-    epochs = train(engine, sampler, _data(), _data(), TrainConfig(2, 8), tmp_path, Progress(), start_acc=1.0)
-    assert [e["val_acc"] for e in epochs] == [0.0, 0.0]
+    result = train(engine, sampler, _data(), _data(), TrainConfig(2, 8), tmp_path, Progress())
+    assert result.initial_val_acc == 1.0 and [e["val_acc"] for e in result.epochs] == [0.0, 0.0]
     err = capsys.readouterr().err
     assert err.count("warning: validation accuracy fell below its starting point (1.0000 -> 0.0000)") == 2
 
@@ -56,5 +59,5 @@ def test_accuracy_below_its_starting_point_is_said_plainly(tmp_path: Path, capsy
 def test_eval_every_validates_only_when_due_and_after_the_last_epoch(tmp_path: Path) -> None:
     sampler = ChannelSampler("classifier-only", [CandidateLayer("l", 4, 1.0)], None, seed=0)
     config = TrainConfig(5, 8, eval_every=2)
-    epochs = train(_Forgetful(), sampler, _data(), _data(), config, tmp_path, Progress(quiet=True))
+    epochs = train(_Forgetful(), sampler, _data(), _data(), config, tmp_path, Progress(quiet=True)).epochs
     assert [e["val_acc"] is not None for e in epochs] == [False, True, False, True, True]

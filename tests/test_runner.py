@@ -92,7 +92,7 @@ def plan_path(root: Path, fmt: str) -> Path:
     """A trady plan over the last 20 layers (a ranking written here: no ranking epoch)."""
     (root / "calibrated.py").write_text(FACTORY)
     model = f"{root / 'calibrated.py'}:mobilenet"
-    built = build_model(model, 4, 32)
+    built = build_model(model, 4, 32, trust_code=True)
     names = [layer.name for layer in trace_layers(built.module, 32) if layer.name != built.classifier]
     scores = dict.fromkeys(names[-20:], 1.0)
     build_ranking(model, 32, scores, scores, threshold=1.0).save(root / "ranking.json")
@@ -101,6 +101,7 @@ def plan_path(root: Path, fmt: str) -> Path:
         "plan",
         "--model",
         model,
+        "--trust-model-code",
         "--image-size",
         "32",
         "--profile",
@@ -130,7 +131,7 @@ def plan_path(root: Path, fmt: str) -> Path:
 
 @pytest.fixture(scope="module")
 def artifact(root: Path, plan_path: Path) -> Path:
-    _invoke("export", str(plan_path), "-o", str(root / "artifact"), "--quiet")
+    _invoke("export", str(plan_path), "-o", str(root / "artifact"), "--trust-model-code", "--quiet")
     return root / "artifact"
 
 
@@ -326,6 +327,7 @@ def test_runner_matches_finetune(artifact: Path, plan_path: Path, tmp_path: Path
             "finetune",
             "--plan",
             str(plan_path),
+            "--trust-model-code",
             *DATA,
             "--engine",
             reference_engine,
@@ -334,7 +336,8 @@ def test_runner_matches_finetune(artifact: Path, plan_path: Path, tmp_path: Path
             *small(epochs),
         )
     # finetune --plan with the plan's engine exports the same artifact and trains it alike
-    _invoke("finetune", "--plan", str(plan_path), *DATA, "--out", str(tmp_path / "ft-ort1"), *small("1"))
+    ft_ort = ["finetune", "--plan", str(plan_path), "--trust-model-code", *DATA, "--out", str(tmp_path / "ft-ort1")]
+    _invoke(*ft_ort, *small("1"))
     _assert_same_run(tmp_path / "ort1", tmp_path / "ft-ort1")
     ort, ref = (read_jsonl(tmp_path / f"{engine}3" / "metrics.jsonl") for engine in ("ort", "torch"))
     same = ("images", "lr", "units_used", "budget_units", "channels_per_layer")
@@ -551,7 +554,7 @@ def test_memory_guard_refuses_a_plan_that_does_not_fit_unless_forced(artifact: P
     _edit_manifest(copy, lambda d: d["plan"]["memory"]["parts"][0].update(bytes=2**50))  # 1 PiB baseline
     args = ["run", str(copy), *TRAIN, "--per-class", "4", "--epochs", "1", "--out", str(tmp_path / "out")]
     refused = device(*args)
-    assert refused.returncode == 2 and refused.stderr.startswith("error: the plan's predicted peak")
+    assert refused.returncode == 3 and refused.stderr.startswith("error: the plan's predicted peak")
     assert re.search(r"peak 1048576\.0 GiB exceeds the memory available to this run, [\d.]+ [GM]iB", refused.stderr)
     assert not (tmp_path / "out").exists()
     forced = device(*args, "--force")

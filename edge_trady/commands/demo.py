@@ -35,8 +35,11 @@ import click
     show_default=True,
     help="Data set (default: Fashion-MNIST from the Debian package dataset-fashion-mnist).",
 )
+@click.option("--overwrite", is_flag=True, help="Replace what an earlier demo wrote in --out.")
 @click.option("--quiet", is_flag=True)
-def command(out_dir: str, per_class: int, image_size: int, epochs: int, budget: str, data: str, quiet: bool) -> None:
+def command(
+    out_dir: str, per_class: int, image_size: int, epochs: int, budget: str, data: str, overwrite: bool, quiet: bool
+) -> None:
     """Profile -> plan -> export -> run -> evaluate, on ImageNet-pretrained EfficientNet-Lite0 and a
     Fashion-MNIST subset, with TraDy. A few minutes on 2 cores.
 
@@ -54,6 +57,10 @@ def command(out_dir: str, per_class: int, image_size: int, epochs: int, budget: 
     from ..workstation.plots import plot_memory
 
     out = Path(out_dir)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        from ..errors import RunFolderError
+
+        raise RunFolderError(f"{out}: not empty (an earlier demo?); --overwrite replaces it, or give another --out")
     out.mkdir(parents=True, exist_ok=True)
     progress = Progress(quiet)
 
@@ -77,7 +84,7 @@ def command(out_dir: str, per_class: int, image_size: int, epochs: int, budget: 
     plot_memory(plan.estimate, plan.usable_memory_bytes, f"{plan.model} on this machine", out / "plan.png")
 
     progress.line("[3/5] export: portable artifact (training step for plain onnxruntime)")
-    manifest = export_plan(plan, out / "artifact")
+    manifest = export_plan(plan, out / "artifact", overwrite=overwrite)
 
     progress.line("[4/5] run: device runner (fresh process, no torch)")
     run_dir = out / "run"
@@ -90,7 +97,7 @@ def command(out_dir: str, per_class: int, image_size: int, epochs: int, budget: 
         str(per_class),
         "--out",
         str(run_dir),
-        "--resume",
+        *(["--overwrite"] if overwrite else []),
         *(["--quiet"] if quiet else []),
     )
 

@@ -74,7 +74,7 @@ class InferenceModel:
 
     def __init__(self, path: Path, input_name: str) -> None:
         from ..engines.ort_runtime import ort_bindings
-        from ..errors import ArtifactError
+        from ..errors import ArtifactError, out_of_memory
 
         ort_bindings()  # imports onnxruntime without letting it import torch
         import onnxruntime
@@ -82,7 +82,7 @@ class InferenceModel:
         try:
             self._session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise ArtifactError(f"{path}: cannot load the model ({exc})") from exc
+            raise out_of_memory(exc) or ArtifactError(f"{path}: cannot load the model ({exc})") from exc
         self._input = input_name
         self._predicted: list[np.ndarray] = []
 

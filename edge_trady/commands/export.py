@@ -15,7 +15,18 @@ import click
     "out_dir",
     type=click.Path(file_okay=False),
     required=True,
-    help="Artifact folder to write (replaced if it holds an artifact).",
+    help="Artifact folder to write: new or empty (an existing artifact only with --overwrite).",
+)
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace the artifact in --output (as a whole, once the new one is complete); refused if the "
+    "folder holds anything that is not part of that artifact.",
+)
+@click.option(
+    "--trust-model-code",
+    is_flag=True,
+    help="Allow the plan's model to be a factory 'file.py:fn' / 'module:fn' (runs its Python code).",
 )
 @click.option(
     "--format",
@@ -27,7 +38,9 @@ import click
     "Default: what the plan's engine runs.",
 )
 @click.option("--quiet", is_flag=True)
-def command(plan_path: str, out_dir: str, artifact_format: str | None, quiet: bool) -> None:
+def command(
+    plan_path: str, out_dir: str, overwrite: bool, trust_model_code: bool, artifact_format: str | None, quiet: bool
+) -> None:
     """Export the model and layers PLAN (from 'edge-trady plan') describes as a training artifact.
 
     Builds the model with the plan's seed (the same new classifier head as 'edge-trady finetune
@@ -43,7 +56,7 @@ def command(plan_path: str, out_dir: str, artifact_format: str | None, quiet: bo
     from ..core.plan import Plan
     from ..workstation.export.artifact import export_plan
 
-    manifest = export_plan(Plan.load(Path(plan_path)), Path(out_dir), artifact_format)
+    manifest = export_plan(Plan.load(Path(plan_path)), Path(out_dir), artifact_format, overwrite, trust_model_code)
     if not quiet:
         plan = manifest.plan
         click.echo(

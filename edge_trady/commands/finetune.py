@@ -44,7 +44,8 @@ from .options import (
     "out_dir",
     type=click.Path(file_okay=False),
     required=True,
-    help="Output folder: model.pt (or model.onnx), metrics.jsonl, selection.jsonl, summary.json, checkpoints/.",
+    help="Run folder: model.pt (or model.onnx), metrics.jsonl, selection.jsonl, summary.json, checkpoints/, "
+    "done.json. Must be new or empty, unless --resume or --overwrite.",
 )
 @checkpoint_options
 @click.pass_context
@@ -53,6 +54,7 @@ def command(
     plan_path: str | None,
     out_dir: str,
     resume: bool,
+    overwrite: bool,
     quiet: bool,
     progress_every: float | None,
     **options,
@@ -79,15 +81,15 @@ def command(
         fields = plan.finetune_fields() | {k: fields[k] for k in explicit}
         fields["data"] = options["data"]
         progress.predicted_peak_bytes = plan.estimate.peak_bytes
-    result = run_finetune(FinetuneSpec(**fields), Path(out_dir), progress, resume)
-    if result.accuracy_fell:
+    result = run_finetune(FinetuneSpec(**fields), Path(out_dir), progress, resume, overwrite)
+    if result is not None and result.accuracy_fell:
         from ..device.loop import accuracy_fell_message
 
         click.echo(f"warning: {accuracy_fell_message(result.initial_val_acc, result.final_val_acc)}", err=True)
-    if not quiet:
-        acc = f"{result.final_val_acc:.4f}" if result.final_val_acc is not None else "n/a"
+    if result is not None and not quiet:
+        before, acc = (f"{a:.4f}" if a is not None else "n/a" for a in (result.initial_val_acc, result.final_val_acc))
         click.echo(
-            f"val_acc {result.initial_val_acc:.4f} -> {acc}; peak RSS "
+            f"val_acc {before} -> {acc}; peak RSS "
             f"{result.peak_rss_bytes / 2**20:.0f} MiB; {result.seconds:.0f}s; "
             f"written to {out_dir}"
         )

@@ -20,7 +20,9 @@ from .options import model_options
     help="Batch size for the bytes column (activations scale with it).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
-def command(model: str, image_size: int, num_classes: int, batch_size: int, as_json: bool) -> None:
+def command(
+    model: str, trust_model_code: bool, image_size: int, num_classes: int, batch_size: int, as_json: bool
+) -> None:
     """Print every Conv2d/Linear layer with its per-input-channel costs (METHOD.md).
 
     Columns: Cw (weight units per channel), Ca (activation units per channel, one sample),
@@ -32,7 +34,7 @@ def command(model: str, image_size: int, num_classes: int, batch_size: int, as_j
     from ..workstation.cost_trace import trace_layers
     from ..workstation.models import build_model
 
-    built = build_model(model, num_classes, image_size)
+    built = build_model(model, num_classes, image_size, trust_code=trust_model_code)
     layers = trace_layers(built.module, image_size)
     if as_json:
         click.echo(json.dumps([layer.to_dict() | {"unit_cost": layer.unit_cost} for layer in layers], indent=1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import click
@@ -9,6 +10,14 @@ import click
 from ..core.selection import METHODS, OVERFLOW_POLICIES, WEIGHTINGS
 
 Decorator = Callable[[Callable], Callable]
+SEED = click.IntRange(0, 2**32 - 1)  # numpy's and torch's seeds: non-negative
+
+
+def finite_positive(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """Callback for a number that must be finite and > 0 (learning rates)."""
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"{value!r} is not a finite number > 0")
+    return value
 
 
 def stack(*decorators: Decorator) -> Decorator:
@@ -28,6 +37,13 @@ model_options = stack(
         show_default=True,
         help="Built-in (efficientnet-lite0, efficientnet-lite1, mobilenetv2-w0.35, mobilenetv2-w<width>) or a "
         "factory 'path/file.py:fn' / 'package.module:fn' returning an nn.Module.",
+    ),
+    click.option(
+        "--trust-model-code",
+        is_flag=True,
+        help="Allow --model (or a plan's model) to be a factory 'file.py:fn' / 'module:fn': its Python "
+        "code runs with your permissions, so edge-trady runs it only when told to. Built-in models "
+        "need no trust; device commands (run, evaluate, profile) never run model code.",
     ),
     click.option(
         "--image-size",
@@ -71,7 +87,8 @@ training_options = stack(
     click.option("--batch-size", type=click.IntRange(1), default=32, show_default=True),
     click.option(
         "--lr",
-        type=click.FloatRange(min=0, min_open=True),
+        type=float,
+        callback=finite_positive,
         default=0.125,
         show_default=True,
         help="Peak learning rate (plain SGD, cosine decay to 0).",
@@ -84,7 +101,7 @@ training_options = stack(
     ),
     click.option(
         "--seed",
-        type=int,
+        type=SEED,
         default=0,
         show_default=True,
         help="Seeds data subsets and order, new layers and channel sampling.",
@@ -189,7 +206,15 @@ checkpoint_options = stack(
     click.option(
         "--resume",
         is_flag=True,
-        help="Continue from the last checkpoint in --out (a fresh start if there is none).",
+        help="Continue the run in --out from its newest checkpoint (a fresh start if there is none; "
+        "nothing to do, exit 0, if it has finished). The checkpoint must come from the same artifact "
+        "or model, data, seed and settings.",
+    ),
+    click.option(
+        "--overwrite",
+        is_flag=True,
+        help="Start afresh in a --out that is not empty: removes the files edge-trady wrote there "
+        "(never others). Without --resume or --overwrite a non-empty --out is refused.",
     ),
     click.option(
         "--checkpoint-every",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .options import data_options, model_options
+from .options import SEED, data_options, finite_positive, model_options
 
 
 @click.command("rank")
@@ -23,11 +23,12 @@ from .options import data_options, model_options
 @click.option(
     "--lr",
     type=float,
+    callback=finite_positive,
     default=0.01,
     show_default=True,
     help="Learning rate of the full fine-tuning (0.125 diverges on pretrained models).",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option(
     "--threshold",
     type=click.FloatRange(0, 1, min_open=True),
@@ -46,6 +47,7 @@ from .options import data_options, model_options
 @click.option("--quiet", is_flag=True)
 def command(
     model,
+    trust_model_code,
     image_size,
     data,
     val_data,
@@ -82,6 +84,7 @@ def command(
         seed=seed,
         rank_epochs=epochs,
         threshold=threshold,
+        trust_model_code=trust_model_code,
     )
     progress = Progress(quiet)
     ranking = compute_ranking(prepare(spec), spec, progress, score)

@@ -41,7 +41,8 @@ from .options import checkpoint_options, progress_options
     "out_dir",
     type=click.Path(file_okay=False),
     required=True,
-    help="Run folder: metrics.jsonl, selection.jsonl, checkpoints/, then model.onnx, model.json and summary.json.",
+    help="Run folder: metrics.jsonl, selection.jsonl, checkpoints/, then model.onnx, model.json, "
+    "summary.json and done.json (the run is final). Must be new or empty, unless --resume or --overwrite.",
 )
 @checkpoint_options
 @click.option(
@@ -59,6 +60,7 @@ def command(
     epochs: int | None,
     out_dir: str,
     resume: bool,
+    overwrite: bool,
     force: bool,
     checkpoint_every: int,
     quiet: bool,
@@ -85,15 +87,16 @@ def command(
         val_per_class=val_per_class,
         epochs=epochs,
         resume=resume,
+        overwrite=overwrite,
         force=force,
         checkpoint_every=checkpoint_every,
     )
     summary = run(request, Progress(quiet, progress_every))
-    if summary.accuracy_fell:
+    if summary is not None and summary.accuracy_fell:
         from ..device.loop import accuracy_fell_message
 
         click.echo(f"warning: {accuracy_fell_message(summary.initial_val_acc, summary.final_val_acc)}", err=True)
-    if not quiet:
+    if summary is not None and not quiet:
         click.echo(
             f"val_acc {summary.final_val_acc:.4f}; peak RSS {summary.peak_rss_bytes / 2**20:.0f} MiB "
             f"(predicted {summary.predicted_peak_bytes / 2**20:.0f} MiB); {summary.seconds:.0f}s; "

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import EdgeTradyError
+from .layers import LayerCost, full_units
 
 _BYTE_SUFFIXES = {
     "b": 1,
@@ -76,3 +77,18 @@ def format_bytes(n: float) -> str:
             return f"{value:.0f} {suffix}" if suffix == "B" else f"{value:.1f} {suffix}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def cap_budget(budget: Budget, layers: list[LayerCost], batch_size: int) -> tuple[Budget, str | None]:
+    """A resolved budget (units or bytes) above what full fine-tuning of ``layers`` costs is capped
+    to that, with a note saying so; otherwise returned unchanged with no note."""
+    if budget.unit == "units":
+        full = float(full_units(layers))
+    elif budget.unit == "bytes":
+        full = float(sum(layer.bytes_per_channel(batch_size) * layer.in_channels for layer in layers))
+    else:
+        raise ValueError(f"resolve a {budget.unit} budget before capping it")
+    if budget.amount <= full:
+        return budget, None
+    capped = Budget(full, budget.unit)
+    return capped, f"budget {budget} exceeds full fine-tuning ({capped}): capped to it"

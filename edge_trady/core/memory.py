@@ -24,6 +24,9 @@ Per engine, the training parts differ:
 The two constants of each engine in ``CALIBRATION`` are fitted on ``bench/memory_check.py``
 (EfficientNet-Lite0, Fashion-MNIST, 64 and 128 px, batch 8 and 32; docs/memory.md), preferring
 slight over-prediction: under-predicting is the dangerous direction.
+
+A fleet node (``plan --fleet``) adds Flower's processes and messages as parts of their own
+(``fleet_parts``): the peak is then that of the node's processes together.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from dataclasses import asdict, dataclass
 from .budget import format_bytes
 
 ENGINES = ("torch-masked", "torch-sparse", "ort", "portable")
+DATA_SET_PART = "data set"  # the part the runner re-checks with the data's real size
 PHASES = ("always", "load", "train")
 
 
@@ -136,6 +140,34 @@ ORT_CHECKPOINT_COPIES = 2  # ORT: writing a checkpoint / exporting the model ser
 ORT_SAVED_FACTOR = 1.2  # ORT keeps ~20 % more per sample than PyTorch autograd (fitted: ORT rows)
 
 
+# A fleet node (Flower 1.42, `edge-trady fleet node`), measured by bench/fleet_memory.py on x86_64
+# (bench/results/fleet-memory.csv: EfficientNet-Lite0 48 px, 8 MiB of trainable tensors): the
+# SuperNode (162 MiB) and its SuperExec (127 MiB) are resident all the time; the round's ClientApp
+# process adds Flower's runtime (63 MiB, importing flwr-clientapp over numpy) and the global tensors
+# it receives, held ~3 times over (message bytes, decoded arrays, the engine's copy): fitted on the
+# ClientApp's VmHWM minus the same round trained without Flower (+79 MiB ort, +86 MiB torch-sparse).
+FLEET_DAEMONS_BYTES = 290 * 2**20
+FLEET_CLIENTAPP_RUNTIME_BYTES = 63 * 2**20
+FLEET_STATE_COPIES = 3
+
+
+def fleet_parts(trainable_bytes: int) -> list[MemoryPart]:
+    """What a fleet node needs besides the training itself (``trainable_bytes``: the tensors the
+    server sends each round, the candidate layers' weights and the classifier)."""
+    return [
+        MemoryPart("fleet: SuperNode + SuperExec", FLEET_DAEMONS_BYTES, "always", "Flower's node processes"),
+        MemoryPart(
+            "fleet: Flower in the ClientApp", FLEET_CLIENTAPP_RUNTIME_BYTES, "always", "flwr runtime of the round"
+        ),
+        MemoryPart(
+            "fleet: global tensors received",
+            FLEET_STATE_COPIES * trainable_bytes,
+            "train",
+            "message bytes + decoded arrays",
+        ),
+    ]
+
+
 def estimate_memory(engine: str, shape: RunShape) -> MemoryEstimate:
     """The parts of the predicted peak of ``engine`` for a run of ``shape``."""
     if engine not in ENGINES:
@@ -169,7 +201,7 @@ def estimate_memory(engine: str, shape: RunShape) -> MemoryEstimate:
                 "train",
                 f"parameters and buffers x {fit.weight_copies:g} (loaded after the data; calibrated)",
             ),
-            MemoryPart("data set", shape.dataset_bytes, "always", "decoded uint8 images (train + val)"),
+            MemoryPart(DATA_SET_PART, shape.dataset_bytes, "always", "decoded uint8 images (train + val)"),
             MemoryPart("data loading", shape.data_load_bytes, "load", "source files while decoding"),
             MemoryPart(
                 "batch buffers", int(share * 2 * b * shape.input_bytes_per_sample), "train", "float32 input batch"

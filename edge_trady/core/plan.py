@@ -12,11 +12,64 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import PlanError
+from . import fields as f
 from .atomic import write_json
 from .layers import BYTES_PER_UNIT, LayerCost
-from .memory import MemoryEstimate
+from .memory import PHASES, MemoryEstimate
+from .selection import METHODS, OVERFLOW_POLICIES
 
 PLAN_VERSION = 1
+
+
+def _memory(value: object) -> str | None:
+    part = {"name": f.text, "bytes": f.integer(0, 1 << 62), "phase": f.one_of(*PHASES), "note": f.of_type(str, "")}
+    expected = '{"engine", "peak_bytes", "parts": [{"name", "bytes" >= 0, "phase", "note"}]}'
+    if not (isinstance(value, dict) and set(value) == {"engine", "peak_bytes", "parts"}):
+        return expected
+    parts = value["parts"]
+    ok = isinstance(parts, list) and parts and not f.integer(0)(value["peak_bytes"])
+    for entry in parts if ok else []:
+        ok = ok and isinstance(entry, dict) and set(entry) == set(part)
+        ok = ok and not any(rule(entry[key]) for key, rule in part.items())
+    return None if ok else expected
+
+
+PLAN_RULES: dict[str, f.Rule] = {
+    "model": f.text,
+    "num_classes": f.integer(1, 1 << 20),
+    "image_size": f.integer(1, 8192),
+    "normalization": f.normalization,
+    "batch_size": f.integer(1, 1 << 16),
+    "engine": f.text,
+    "method": f.one_of(*METHODS),
+    "seed": f.integer(0, 2**32 - 1),
+    "overflow": f.one_of(*OVERFLOW_POLICIES),
+    "epochs": f.integer(1, 1 << 20),
+    "lr": f.number(positive=True),
+    "warmup_epochs": f.optional(f.integer(0, 1 << 20)),
+    "layers": f.list_of(f.layer_cost, "a list of layers (name, kind, channels, kernel, groups, in_hw, out_hw)"),
+    "classifier": f.layer_cost,
+    "budget": f.number(0),
+    "budget_unit": f.one_of("units", "bytes"),
+    "ranking": f.of_type(dict, "an object"),
+    "memory": _memory,
+    "profile": f.of_type(dict, "an object"),
+    "usable_memory_bytes": f.integer(1),
+    "data": f.of_type(dict, "an object"),
+    "class_names": f.optional(f.list_of(f.of_type(str, "x"), "a list of class names")),
+    "notes": f.list_of(f.of_type(str, "x"), "a list of strings"),
+}
+
+
+def check_plan(data: dict, where: str, error: type[Exception] = PlanError) -> None:
+    """Raise ``error`` for a plan field of the wrong type or out of range (fields: ``Plan``)."""
+    f.check_fields(data, PLAN_RULES, where, error)
+    names = data.get("class_names")
+    if names is not None and len(names) != data["num_classes"]:
+        raise error(f"{where}: {len(names)} class_names for num_classes {data['num_classes']}")
+    layers = [layer["name"] for layer in data["layers"]]
+    if len(set(layers)) != len(layers) or data["classifier"]["name"] in layers:
+        raise error(f"{where}: candidate layers must be distinct and not the classifier")
 
 
 @dataclass
@@ -44,6 +97,7 @@ class Plan:
     data: dict  # spec, per_class, train images: what the memory model assumed
     class_names: list[str] | None = None
     notes: list[str] = field(default_factory=list)
+    engines: list[dict] = field(default_factory=list)  # the other engines' predicted peaks (planner)
     version: int = PLAN_VERSION
 
     @property
@@ -97,14 +151,15 @@ class Plan:
             data = json.loads(Path(path).read_text())
         except FileNotFoundError:
             raise PlanError(f"{path}: plan file not found") from None
-        except ValueError as exc:
-            raise PlanError(f"{path}: not valid JSON ({exc})") from exc
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise PlanError(f"{path}: not valid JSON or unreadable ({exc})") from exc
         if not isinstance(data, dict) or data.get("version") != PLAN_VERSION:
             found = data.get("version") if isinstance(data, dict) else None
             raise PlanError(f"{path}: plan format version {found!r}, this tool reads version {PLAN_VERSION}")
-        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        required = {x.name for x in fields(cls) if x.default is MISSING and x.default_factory is MISSING}
         missing = sorted(required - set(data))
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        unknown = sorted(set(data) - {field.name for field in fields(cls)})
         if missing or unknown:
             raise PlanError(f"{path}: missing fields {missing} / unknown fields {unknown}")
+        check_plan(data, str(path))
         return cls(**data)

@@ -54,6 +54,8 @@ SPEC_FORMS = (
     "or an image folder (one sub-folder of JPEG/PNG images per class)"
 )
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+MAX_IMAGE_PIXELS = 4096 * 4096  # decoded images larger than this are refused (max_image_pixels)
+MAX_IMAGE_PIXELS_ENV = "EDGE_TRADY_MAX_IMAGE_PIXELS"
 SYNTHETIC_PER_CLASS = 32
 SPLITS = ("train", "val", "all")
 
@@ -398,13 +400,39 @@ def _image_files(class_dir: Path) -> list[Path]:
     return files
 
 
+def max_image_pixels() -> int:
+    """Largest image (width x height, after JPEG draft scaling) the loader decodes: decoding holds
+    the whole image (3-4 bytes per pixel, twice while converting), whatever the size it is
+    resized to. ``$EDGE_TRADY_MAX_IMAGE_PIXELS`` overrides the default."""
+    value = os.environ.get(MAX_IMAGE_PIXELS_ENV, "")
+    if not value:
+        return MAX_IMAGE_PIXELS
+    if not value.isdigit() or int(value) < 1:
+        raise DataError(f"${MAX_IMAGE_PIXELS_ENV}={value!r}: expected a positive number of pixels")
+    return int(value)
+
+
 def _read_image(path: Path, size: int) -> np.ndarray:
+    limit = max_image_pixels()
     try:
         with Image.open(path) as image:
             image.draft("RGB", (size, size))  # JPEG: decode at a reduced scale >= size
+            width, height = image.size
+            if width * height > limit:
+                raise DataError(
+                    f"{path}: {width} x {height} pixels, more than the {limit:,}-pixel cap on decoded images "
+                    f"(decoding it would take ~{_mib(width * height * 8)} MiB); shrink it, or raise "
+                    f"${MAX_IMAGE_PIXELS_ENV}"
+                )
             return _fit(ImageOps.exif_transpose(image).convert("RGB"), size)
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: refused by Pillow's decompression-bomb check ({e})") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot read image (corrupt or not an image)") from e
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.0f}"
 
 
 # .npz arrays

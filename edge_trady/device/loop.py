@@ -3,6 +3,8 @@ checkpoint. No torch here: the device runner uses it with the ONNX Runtime engin
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import signal
 import time
@@ -16,15 +18,24 @@ import numpy as np
 from ..core.schedule import make_schedule
 from ..core.selection import ChannelSampler, Selection
 from ..engines.base import Engine
-from ..errors import EdgeTradyError
-from .checkpoint import LoopState, has_checkpoint, load_checkpoint, save_checkpoint
+from ..errors import Diverged, EdgeTradyError, Stopped
+from .checkpoint import (
+    CorruptCheckpoint,
+    LoopState,
+    data_fingerprint,
+    has_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .data import Dataset, epoch_order
 from .heartbeat import FINISHED, TRAINING, Heartbeat
-from .memwatch import peak_rss_bytes
+from .memwatch import peak_rss_bytes, release_free_memory
 from .progress import Progress
 from .runlog import EpochMetrics, RunLog, read_jsonl
 
 ScoreFn = Callable[[int], dict[str, np.ndarray]]
+__all__ = ["Stopped", "TrainConfig", "TrainResult", "evaluate", "train"]
 
 
 @dataclass(frozen=True)
@@ -40,14 +51,26 @@ class TrainConfig:
     heartbeat_every: int = 10  # heartbeat.json every N steps (0: at epoch ends only)
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.eval_every < 1:
-            raise EdgeTradyError("epochs, batch size and eval interval must be >= 1 and the learning rate > 0")
+        if self.epochs < 1 or self.batch_size < 1 or self.eval_every < 1:
+            raise EdgeTradyError(
+                f"epochs ({self.epochs}), batch size ({self.batch_size}) and eval interval ({self.eval_every}) "
+                "must be >= 1"
+            )
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise EdgeTradyError(f"the learning rate must be a finite number > 0, got {self.lr!r}")
+        if self.seed < 0 or (self.warmup_epochs is not None and self.warmup_epochs < 0):
+            raise EdgeTradyError(f"seed ({self.seed}) and warm-up epochs ({self.warmup_epochs}) must be >= 0")
 
 
-class Stopped(EdgeTradyError):
-    """Training stopped by a signal after saving a checkpoint."""
+@dataclass
+class TrainResult:
+    """Every epoch's metrics (as logged) and the validation figures before any training (of the
+    run's start: a resumed run reports those its checkpoint carries)."""
 
-    exit_code = 130
+    epochs: list[dict]
+    initial_val_loss: float | None
+    initial_val_acc: float | None
+    resumed: bool
 
 
 def evaluate(engine: Engine, data: Dataset, batch_size: int) -> tuple[float, float]:
@@ -62,6 +85,36 @@ def evaluate(engine: Engine, data: Dataset, batch_size: int) -> tuple[float, flo
     return loss_sum / len(data), correct / len(data)
 
 
+def run_origin(
+    config: TrainConfig,
+    steps_per_epoch: int,
+    warmup_steps: int,
+    sampler: ChannelSampler,
+    engine: Engine,
+    train_data: Dataset,
+    val_data: Dataset | None,
+) -> dict:
+    """What a checkpoint must share with the run resuming it (besides what the caller adds)."""
+    layers = json.dumps([[c.name, c.channels, c.cost] for c in sampler.layers]).encode()
+    return {  # in the order a mismatch is reported: the first difference is named
+        "train_data": data_fingerprint(train_data.pixels, train_data.labels, train_data.source),
+        "val_data": val_data and data_fingerprint(val_data.pixels, val_data.labels, val_data.source),
+        "engine": engine.name,
+        "method": sampler.method,
+        "budget": sampler.budget,
+        "budget_unit": config.budget_unit,
+        "overflow": sampler.overflow,
+        "weighting": sampler.weighting,
+        "candidate_layers": f"{len(sampler.layers)} layers, sha256 {hashlib.sha256(layers).hexdigest()[:16]}",
+        "seed": config.seed,
+        "batch_size": config.batch_size,
+        "epochs": config.epochs,
+        "steps_per_epoch": steps_per_epoch,
+        "lr": config.lr,
+        "warmup_steps": warmup_steps,
+    }
+
+
 def train(
     engine: Engine,
     sampler: ChannelSampler,
@@ -72,20 +125,40 @@ def train(
     progress: Progress,
     score_fn: ScoreFn | None = None,
     resume: bool = False,
-    start_acc: float | None = None,
-) -> list[dict]:
-    """Train for ``config.epochs``; returns every epoch's metrics (as logged). ``start_acc``: the
-    validation accuracy before training; an epoch that ends below it is flagged in the progress."""
+    origin: dict | None = None,
+) -> TrainResult:
+    """Train for ``config.epochs`` (continuing from the newest checkpoint with ``resume``).
+
+    ``origin``: what identifies the run besides the loop's own settings (artifact hash, model);
+    a checkpoint whose origin differs is refused. A non-finite loss or weight raises Diverged
+    before anything non-finite is saved. An epoch that ends below the validation accuracy before
+    training is flagged in the progress."""
     steps_per_epoch = math.ceil(len(train_data) / config.batch_size)
     schedule = make_schedule(config.lr, config.epochs, steps_per_epoch, config.warmup_epochs)
+    origin = {
+        **(origin or {}),
+        **run_origin(config, steps_per_epoch, schedule.warmup_steps, sampler, engine, train_data, val_data),
+    }
     resume = resume and has_checkpoint(run_dir)  # nothing saved yet: a fresh start
     log = RunLog(run_dir, resume=resume)
-    state = LoopState()
     if resume:
-        state = load_checkpoint(run_dir, engine)
+        check = _state_check(config, steps_per_epoch, len(train_data), sampler, log)
+        state = load_checkpoint(run_dir, engine, origin, check, progress)
+        release_free_memory()  # what loading freed must not stay resident under the run's peak
         sampler.load_state(state.sampler)
         log.truncate_to(state.epoch)
         progress.line(f"resuming at epoch {state.epoch + 1}, step {state.step_in_epoch}")
+    else:
+        state = LoopState()
+        if val_data is not None:
+            state.initial_val_loss, state.initial_val_acc = evaluate(engine, val_data, config.batch_size)
+            progress.line(f"val_acc before training {state.initial_val_acc:.4f}")
+    initial = (state.initial_val_loss, state.initial_val_acc)
+
+    def checkpoint(where: str) -> None:
+        _require_finite_weights(engine, run_dir, where)
+        save_checkpoint(run_dir, engine, state, origin)
+
     if sampler.needs_grad_norms:
         if not hasattr(engine, "record_grad_norms"):
             raise EdgeTradyError(
@@ -103,11 +176,14 @@ def train(
             engine.set_selection(selection)
             started = time.monotonic() - state.elapsed_s
             order = epoch_order(len(train_data), config.seed, epoch)
-            batches = train_data.batches(config.batch_size, order)
             lr = schedule.lr(epoch * steps_per_epoch)
-            for step, (x, y) in _skip(batches, state.step_in_epoch):
+            where = f"epoch {epoch + 1}/{config.epochs}"
+            for step, indices in _remaining(order, config.batch_size, state.step_in_epoch):
+                x, y = train_data.batch(indices)
                 lr = schedule.lr(epoch * steps_per_epoch + step)
                 loss, correct = engine.train_step(x, y, lr)
+                if not math.isfinite(loss):
+                    raise _diverged(run_dir, f"{where}, step {step + 1}: loss {loss} at learning rate {lr:.4g}")
                 state.loss_sum += loss * len(y)
                 state.correct += correct
                 state.seen += len(y)
@@ -119,7 +195,7 @@ def train(
                 every = config.checkpoint_every
                 if stop_requested() or (every and (step + 1) % every == 0 and step + 1 < steps_per_epoch):
                     state.elapsed_s = time.monotonic() - started
-                    save_checkpoint(run_dir, engine, state)
+                    checkpoint(f"{where}, step {step + 1}")
                     if stop_requested():
                         raise Stopped(f"stopped by signal; resume with --resume ({run_dir})")
             if sampler.needs_grad_norms and state.grad_norm_sums:
@@ -127,6 +203,8 @@ def train(
                 sampler.observe(selection, means)  # before the checkpoint below records the sampler
             due = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
             val_loss, val_acc = evaluate(engine, val_data, config.batch_size) if val_data and due else (None, None)
+            if val_loss is not None and not math.isfinite(val_loss):
+                raise _diverged(run_dir, f"{where}: validation loss {val_loss}")
             metrics = EpochMetrics(
                 epoch=epoch + 1,
                 train_loss=state.loss_sum / max(1, state.seen),
@@ -144,14 +222,123 @@ def train(
                 engine=engine.name,
                 peak_rss_bytes=peak_rss_bytes(),
             )
-            log.write(metrics, selection)
+            _require_finite_weights(engine, run_dir, where)
+            log.write(metrics, selection)  # fsynced: never behind the checkpoint that follows
             progress.line(_summary(metrics, config.epochs))
-            if fell_below(start_acc, val_acc):
-                progress.line(f"warning: {accuracy_fell_message(start_acc, val_acc)}")
-            state = LoopState(epoch=epoch + 1, sampler=sampler.state())
-            save_checkpoint(run_dir, engine, state)
+            if fell_below(initial[1], val_acc):
+                progress.line(f"warning: {accuracy_fell_message(initial[1], val_acc)}")
+            state = LoopState(epoch + 1, sampler=sampler.state())
+            state.initial_val_loss, state.initial_val_acc = initial
+            save_checkpoint(run_dir, engine, state, origin)
             heartbeat.beat(FINISHED if epoch + 1 == config.epochs else TRAINING, epoch + 1, 0)
-    return read_jsonl(log.metrics_path)
+    return TrainResult(read_jsonl(log.metrics_path), *initial, resume)
+
+
+def _remaining(order: np.ndarray, batch_size: int, start: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(step, indices) of the batches of an epoch from step ``start`` on (earlier ones not built)."""
+    for step, first in enumerate(range(0, len(order), batch_size)):
+        if step >= start:
+            yield step, order[first : first + batch_size]
+
+
+def _state_check(
+    config: TrainConfig, steps_per_epoch: int, images: int, sampler: ChannelSampler, log: RunLog
+) -> Callable[[LoopState], None]:
+    """Raise CorruptCheckpoint for a loop state this run could not have written."""
+
+    def check(state: LoopState) -> None:
+        problems = []
+        if state.epoch > config.epochs or (state.epoch == config.epochs and state.step_in_epoch):
+            problems.append(f"epoch {state.epoch} (step {state.step_in_epoch}) is past the run's {config.epochs}")
+        if state.step_in_epoch > steps_per_epoch:
+            problems.append(f"step {state.step_in_epoch} is past the epoch's {steps_per_epoch}")
+        if state.seen != min(state.step_in_epoch * config.batch_size, images) or state.correct > state.seen:
+            problems.append(f"{state.seen} images seen / {state.correct} correct at step {state.step_in_epoch}")
+        if state.initial_val_acc is not None and state.initial_val_acc > 1:
+            problems.append(f"initial accuracy {state.initial_val_acc}")
+        if state.step_in_epoch and state.selection is None:
+            problems.append("no selection for a mid-epoch state")
+        logged = log.epochs_logged()
+        if logged < state.epoch:
+            problems.append(f"{log.metrics_path.name} holds {logged} epochs, the checkpoint is at epoch {state.epoch}")
+        static = state.sampler.get("static") if isinstance(state.sampler, dict) else None
+        for what, data in (("selection", state.selection), ("sampler", static)):
+            if data is not None and (problem := _selection_problem(data, sampler)):
+                problems.append(f"{what}: {problem}")
+        if state.sampler is not None and (problem := _sampler_problem(state.sampler, sampler)):
+            problems.append(f"sampler: {problem}")
+        if state.grad_norm_sums is not None and (problem := _norm_sums_problem(state.grad_norm_sums, state.selection)):
+            problems.append(f"grad_norm_sums: {problem}")
+        if problems:
+            raise CorruptCheckpoint(f"checkpoint state out of range for this run: {'; '.join(problems)}")
+
+    return check
+
+
+def _selection_problem(data: dict, sampler: ChannelSampler) -> str | None:
+    """What is wrong with a selection read from a checkpoint (None: nothing)."""
+    sizes = {layer.name: layer.channels for layer in sampler.layers}
+    if set(data) != {"epoch", "cost", "channels"} or not isinstance(data["channels"], dict):
+        return "expected epoch, cost and channels"
+    cost = data["cost"]
+    if not isinstance(cost, int | float) or not math.isfinite(cost) or cost < 0:
+        return f"cost {cost!r}"
+    if sampler.budget is not None and cost > sampler.budget * (1 + 1e-9) + 1e-6:
+        return f"cost {cost} exceeds the budget {sampler.budget}"
+    for name, channels in data["channels"].items():
+        if name not in sizes:
+            return f"layer {name!r} is not a candidate"
+        ints = isinstance(channels, list) and all(isinstance(c, int) and not isinstance(c, bool) for c in channels)
+        in_range = ints and (not channels or (channels[0] >= 0 and channels[-1] < sizes[name]))
+        if not in_range or channels != sorted(set(channels)):
+            return f"channels of {name!r} must be distinct sorted indices in [0, {sizes[name]})"
+    return None
+
+
+def _sampler_problem(data: dict, sampler: ChannelSampler) -> str | None:
+    """What is wrong with a sampler state (``ChannelSampler.state``) read from a checkpoint."""
+    if not set(data) <= {"static", "grad_norms"}:
+        return f"unknown sections {sorted(set(data) - {'static', 'grad_norms'})}"
+    norms = data.get("grad_norms")
+    pooled = sum(layer.channels for layer in sampler.layers)
+    if norms is not None and not (isinstance(norms, list) and len(norms) == pooled and all(map(_norm, norms))):
+        return f"grad_norms must be {pooled} finite numbers >= 0 (or null)"
+    return None
+
+
+def _norm_sums_problem(data: dict, selection: dict | None) -> str | None:
+    """What is wrong with an epoch's running gradient-norm sums (one per selected channel of each
+    layer of the epoch's selection) read from a checkpoint."""
+    channels = selection.get("channels") if isinstance(selection, dict) else None
+    if not isinstance(channels, dict):
+        return "no selection to go with them"
+    for name, sums in data.items():
+        if not isinstance(sums, list) or not isinstance(channels.get(name), list) or len(sums) != len(channels[name]):
+            return f"layer {name!r}: expected one sum per selected channel"
+        if not all(v is not None and _norm(v) for v in sums):
+            return f"layer {name!r}: sums must be finite numbers >= 0"
+    return None
+
+
+def _norm(value: object) -> bool:
+    """A gradient norm as a checkpoint holds it: None (never seen) or a finite number >= 0."""
+    if value is None:
+        return True
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _require_finite_weights(engine: Engine, run_dir: Path, where: str) -> None:
+    if not engine.weights_finite():
+        raise _diverged(run_dir, f"{where}: non-finite weights")
+
+
+def _diverged(run_dir: Path, what: str) -> Diverged:
+    last = latest_checkpoint(run_dir)
+    kept = f"the last good checkpoint {last} is kept" if last else "no checkpoint had been written"
+    return Diverged(
+        f"training diverged at {what}; nothing non-finite was saved ({kept}); "
+        "lower the learning rate (plan --lr, finetune --lr) and start again"
+    )
 
 
 def _add_norms(sums: dict | None, norms: dict[str, np.ndarray]) -> dict[str, list[float]]:
@@ -182,12 +369,6 @@ def _epoch_selection(sampler: ChannelSampler, state: LoopState, epoch: int, scor
     state.selection = selection.to_json()
     state.sampler = sampler.state()
     return selection
-
-
-def _skip(batches: Iterator, start: int) -> Iterator[tuple[int, tuple[np.ndarray, np.ndarray]]]:
-    for step, batch in enumerate(batches):
-        if step >= start:
-            yield step, batch
 
 
 def _summary(m: EpochMetrics, epochs: int) -> str:

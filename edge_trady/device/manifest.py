@@ -14,14 +14,63 @@ import json
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
+from ..core import fields as f
 from ..core.atomic import write_json
-from ..core.plan import PLAN_VERSION, Plan
+from ..core.plan import PLAN_VERSION, Plan, check_plan
 from ..errors import ArtifactError
 
 FORMAT_VERSION = 2  # 2: the format field; selection_inputs instead of masks
 MANIFEST_FILE = "manifest.json"
 FORMATS = ("onnx", "ort-training")  # portable (plain onnxruntime) / ONNX Runtime training artifact
 _CHUNK = 1 << 20
+
+
+def _sha256_hex(value: object) -> str | None:
+    ok = isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+    return None if ok else "a sha256 (64 hex digits)"
+
+
+_INPUT = {
+    "name": f.text,
+    "image_size": f.integer(1, 8192),
+    "channels": f.one_of(3),
+    "dtype": f.one_of("float32"),
+    "layout": f.one_of("NCHW"),
+}
+_CLASS_NAMES = f.optional(f.list_of(f.of_type(str, "x"), "a list of class names"))
+MANIFEST_RULES: dict[str, f.Rule] = {
+    "selection_inputs": f.mapping(
+        f.text,
+        lambda m: (
+            None
+            if isinstance(m, dict)
+            and set(m) == {"layer", "channels"}
+            and not f.text(m["layer"])
+            and not f.integer(1)(m["channels"])
+            else "x"
+        ),
+        'an object of graph input -> {"layer": name, "channels": count}',
+    ),
+    "input": lambda v: (
+        None
+        if isinstance(v, dict) and set(v) == set(_INPUT) and not any(r(v[k]) for k, r in _INPUT.items())
+        else "an object with name, image_size, channels 3, dtype float32, layout NCHW"
+    ),
+    "normalization": f.normalization,
+    "class_names": _CLASS_NAMES,
+    "versions": f.mapping(f.text, f.of_type(str, "x"), "an object of version strings"),
+    "files": f.mapping(f.relative_path, _sha256_hex, "an object of relative path -> sha256"),
+}
+MODEL_INFO_RULES: dict[str, f.Rule] = {
+    "image_size": f.integer(1, 8192),
+    "input": lambda v: None if isinstance(v, dict) and not f.text(v.get("name")) else 'an object with "name"',
+    "normalization": f.normalization,
+    "class_names": _CLASS_NAMES,
+    "num_classes": f.integer(1, 1 << 20),
+    "seed": f.integer(0, 2**32 - 1),
+    "artifact_sha256": f.of_type(str, "a string"),
+    "model": f.of_type(str, "a string"),
+}
 
 
 @dataclass
@@ -67,6 +116,12 @@ class Manifest:
         if not isinstance(plan, dict) or plan.get("version") != PLAN_VERSION:
             raise ArtifactError(f"{where}: the plan inside is not a version {PLAN_VERSION} plan")
         _require(plan, Plan, f"{where}: plan")
+        check_plan(plan, f"{where}: plan", ArtifactError)
+        f.check_fields(data, MANIFEST_RULES, where, ArtifactError)
+        if data["input"]["image_size"] != plan["image_size"]:
+            raise ArtifactError(
+                f"{where}: input image_size {data['input']['image_size']} but the plan's is {plan['image_size']}"
+            )
         return cls(**{**data, "plan": Plan(**plan)})
 
     def save(self, directory: Path) -> None:
@@ -155,6 +210,7 @@ class ModelInfo:
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise ArtifactError(f"{path}: unreadable ({exc})") from exc
         _require(data, cls, str(path))
+        f.check_fields(data, MODEL_INFO_RULES, str(path), ArtifactError)
         return cls(**data)
 
 

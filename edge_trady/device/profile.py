@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import resource
 import socket
 import subprocess
 import sys
@@ -286,10 +287,35 @@ def _cgroup_dirs(v1_controller: str) -> list[tuple[Path, bool]]:
 
 
 def available_memory_bytes() -> int:
-    """Memory this process may still take: available RAM, or less inside a memory-limited cgroup."""
-    available = int(psutil.virtual_memory().available)
+    """Memory this process may still take: available RAM, or less inside a memory-limited cgroup
+    or under an address-space limit (``ulimit -v``, ``prlimit --as``)."""
+    return available_memory()[0]
+
+
+def available_memory(address_space_reserve: int = 0) -> tuple[int, str]:
+    """``available_memory_bytes`` and what limits it (for messages); ``address_space_reserve``:
+    address space still to be mapped but not used (counts only under an address-space limit)."""
+    limits = [(int(psutil.virtual_memory().available), "available RAM")]
     cgroup = _cgroup_memory()
-    return min(available, max(cgroup[0] - cgroup[1], 0)) if cgroup else available
+    if cgroup:
+        limits.append((max(cgroup[0] - cgroup[1], 0), "the cgroup (container) memory limit"))
+    headroom = address_space_headroom()
+    if headroom is not None:
+        limits.append((max(headroom - address_space_reserve, 0), "the address-space limit (RLIMIT_AS, prlimit --as)"))
+    return min(limits)
+
+
+def address_space_headroom() -> int | None:
+    """Bytes of address space this process may still map under RLIMIT_AS (None: unlimited).
+
+    The limit counts virtual memory (``VmSize``), which runtimes reserve well beyond what they
+    touch, so this is what is left of the limit now, not of physical memory."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY or soft < 0:
+        return None
+    status = _read(Path("/proc/self/status")) or ""
+    size = next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmSize:")), 0)
+    return max(soft - size, 0)
 
 
 def _cgroup_memory() -> tuple[int, int] | None:
@@ -395,6 +421,10 @@ def measure_profile(
     if cgroup and cgroup[0] < total:
         total, available = cgroup[0], min(available, max(cgroup[0] - cgroup[1], 1))
         notes.append("memory limited by a cgroup (container)")
+    headroom = address_space_headroom()
+    if headroom is not None and headroom < available:
+        available = max(headroom, 1)
+        notes.append("memory limited by an address-space limit (RLIMIT_AS)")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     quota = _cgroup_cpus()
     if quota and quota < (cores or 1):

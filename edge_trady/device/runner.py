@@ -3,6 +3,7 @@ fine-tune it with the ONNX Runtime engine and the shared training loop, export t
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -11,18 +12,25 @@ from pathlib import Path
 from ..core.atomic import replacing, write_json
 from ..core.budget import Budget, format_bytes
 from ..core.layers import LayerCost, channel_costs
+from ..core.memory import DATA_SET_PART
 from ..core.plan import Plan
 from ..core.selection import CandidateLayer, ChannelSampler, candidate_names, method_spec
 from ..errors import ArtifactError, DataError, MemoryGuardError, PlanError
 from .data import Dataset, Normalization, load_dataset, validation_source
-from .loop import TrainConfig, evaluate, fell_below, train
-from .manifest import Manifest, ModelInfo
+from .loop import TrainConfig, fell_below, train
+from .manifest import MANIFEST_FILE, Manifest, ModelInfo, sha256_file
 from .memwatch import current_rss_bytes, peak_rss_bytes
-from .profile import available_memory_bytes
+from .profile import available_memory
 from .progress import Progress
+from .rundir import DONE_FILE, SUMMARY_FILE, TRAINING_OUTPUTS, open_run_folder, run_finished
 
 MODEL_FILE = "model.onnx"
-SUMMARY_FILE = "summary.json"
+# Address space ONNX Runtime maps when a session starts without touching it (a malloc arena and a
+# stack per thread): measured +378 MiB VmSize for +32 MiB VmRSS on 2 cores here; below ~64 MiB per
+# core of spare address space, its C++ code aborts (std::bad_alloc) where Python cannot report it.
+# Counted only under an address-space limit (RLIMIT_AS), before the engine is loaded.
+ENGINE_ADDRESS_SPACE_PER_CORE = 64 * 2**20
+RUN_OUTPUTS = TRAINING_OUTPUTS.with_files(MODEL_FILE, ModelInfo.sidecar(Path(MODEL_FILE)).name)
 
 
 def channel_sampler(
@@ -63,15 +71,22 @@ def plan_sampler(plan: Plan) -> ChannelSampler:
     return channel_sampler(plan.method, layers, names, budget, plan.batch_size, plan.seed, plan.overflow)
 
 
-def check_memory(predicted_peak: int, force: bool, progress: Progress) -> None:
+def check_memory(
+    predicted_peak: int,
+    force: bool,
+    progress: Progress,
+    what: str = "the plan's predicted peak",
+    address_space_reserve: int = 0,
+) -> None:
     """Refuse (MemoryGuardError) when the predicted whole-process peak exceeds what this process
     can have: what it already uses plus what is available. ``force`` warns instead."""
-    usable = current_rss_bytes() + available_memory_bytes()
+    available, limit = available_memory(address_space_reserve)
+    usable = current_rss_bytes() + available
     if predicted_peak <= usable:
         return
     problem = (
-        f"the plan's predicted peak {format_bytes(predicted_peak)} exceeds the memory available to "
-        f"this run, {format_bytes(usable)}"
+        f"{what} {format_bytes(predicted_peak)} exceeds the memory available to this run, "
+        f"{format_bytes(usable)} (limited by {limit})"
     )
     if not force:
         raise MemoryGuardError(
@@ -79,6 +94,41 @@ def check_memory(predicted_peak: int, force: bool, progress: Progress) -> None:
             "(--force runs anyway and may be killed)"
         )
     progress.line(f"warning: {problem}; running anyway (--force)")
+
+
+def check_loaded_data(plan: Plan, data: list[Dataset], force: bool, progress: Progress) -> None:
+    """After loading: compare the data's real size and image count with what the plan assumed,
+    re-check the fit with the real size, and say when loading alone went past the predicted peak."""
+    estimate = plan.estimate
+    planned = sum(part.bytes for part in estimate.parts if part.name == DATA_SET_PART)
+    real = sum(d.pixels.nbytes for d in data)
+    images, planned_images = sum(len(d) for d in data), planned // (3 * plan.image_size**2)
+    peak = estimate.peak_bytes - planned + real
+    if real > planned:
+        progress.line(
+            f"note: the data holds {images} images ({format_bytes(real)}), the plan assumed {planned_images} "
+            f"({format_bytes(planned)}): predicted peak {format_bytes(estimate.peak_bytes)} -> {format_bytes(peak)}"
+        )
+        check_memory(peak, force, progress, f"with the data as loaded ({images} images), the predicted peak")
+    loading = peak_rss_bytes()
+    if loading > max(peak, estimate.peak_bytes):
+        progress.line(
+            f"warning: loading the data peaked at {format_bytes(loading)}, above the predicted peak of the "
+            f"whole run ({format_bytes(max(peak, estimate.peak_bytes))}): large source images?"
+        )
+
+
+def check_selection_inputs(manifest: Manifest, where: Path) -> None:
+    """Raise ArtifactError unless the manifest's selection inputs name exactly the plan's candidate
+    layers, with their input channels."""
+    plan_layers = {layer["name"]: layer["in_channels"] for layer in manifest.plan.layers}
+    listed = {entry["layer"]: entry["channels"] for entry in manifest.selection_inputs.values()}
+    if listed != plan_layers or len(listed) != len(manifest.selection_inputs):
+        name = next(iter(sorted(set(listed.items()) ^ set(plan_layers.items()))), ("a layer listed twice",))[0]
+        raise ArtifactError(
+            f"{where}: the plan's candidate layers differ from the manifest's selection inputs (first: {name!r}); "
+            "export the artifact again"
+        )
 
 
 def check_data(data: Dataset, num_classes: int, class_names: list[str] | None, image_size: int) -> None:
@@ -112,6 +162,7 @@ class RunRequest:
     val_per_class: int | None = None  # default: ``per_class``
     epochs: int | None = None  # default: the plan's
     resume: bool = False
+    overwrite: bool = False  # replace the files of a previous run in ``out``
     force: bool = False  # run even if the memory guard says it will not fit
     checkpoint_every: int = 0
 
@@ -126,7 +177,7 @@ class RunSummary:
     epochs: int
     train_images: int
     val_images: int
-    initial_val_acc: float  # before training (or at the resumed checkpoint)
+    initial_val_acc: float | None  # before training (a resumed run: as its checkpoint recorded)
     final_train_loss: float
     final_train_acc: float
     final_val_loss: float
@@ -152,6 +203,7 @@ def load_data(manifest: Manifest, request: RunRequest) -> tuple[Dataset, Dataset
 def open_engine(manifest: Manifest, artifact: Path):
     """The engine of the artifact's format (it loads onnxruntime: only when a run really starts),
     checked against the plan the manifest carries."""
+    check_selection_inputs(manifest, artifact)
     if manifest.format == "onnx":
         from ..engines.portable import PortableEngine
 
@@ -168,55 +220,68 @@ def open_engine(manifest: Manifest, artifact: Path):
     return engine
 
 
-def run(request: RunRequest, progress: Progress) -> RunSummary:
-    """Fine-tune the artifact on the device; writes the run folder and returns its summary."""
+def run(request: RunRequest, progress: Progress) -> RunSummary | None:
+    """Fine-tune the artifact on the device; writes the run folder and returns its summary (None:
+    ``--resume`` on a finished run, which does nothing and changes no file)."""
+    if request.resume and run_finished(request.out):
+        progress.line(f"{request.out}: the run there has finished ({DONE_FILE}); nothing to do")
+        return None
     started = time.monotonic()
     manifest = Manifest.load(request.artifact)
     plan = manifest.plan
     sampler = plan_sampler(plan)
-    check_memory(plan.estimate.peak_bytes, request.force, progress)
+    reserve = ENGINE_ADDRESS_SPACE_PER_CORE * (os.cpu_count() or 1)
+    check_memory(plan.estimate.peak_bytes, request.force, progress, address_space_reserve=reserve)
     progress.predicted_peak_bytes = plan.estimate.peak_bytes
-    train_data, val_data = load_data(manifest, request)
-    engine = open_engine(manifest, request.artifact)
-    config = TrainConfig(
-        request.epochs or plan.epochs,
-        plan.batch_size,
-        plan.lr,
-        plan.warmup_epochs,
-        plan.seed,
-        request.checkpoint_every,
-        plan.budget_unit,
-    )
-    progress.line(
-        f"{plan.model} on {train_data.source}: {len(train_data)} train / {len(val_data)} val images, "
-        f"method {plan.method}, budget {Budget(plan.budget, plan.budget_unit)} "
-        f"({len(sampler.layers)} candidate layers), predicted peak {format_bytes(plan.estimate.peak_bytes)}"
-    )
-    _, initial_val_acc = evaluate(engine, val_data, plan.batch_size)
-    epochs = train(
-        engine, sampler, train_data, val_data, config, request.out, progress, None, request.resume, initial_val_acc
-    )
-    model = request.out / MODEL_FILE
-    with replacing(model) as tmp:
-        engine.export_inference(tmp)
-    ModelInfo.of(manifest).save(model)
-    last = epochs[-1]
-    summary = RunSummary(
-        artifact_sha256=manifest.artifact_sha256,
-        model=plan.model,
-        method=plan.method,
-        epochs=len(epochs),
-        train_images=len(train_data),
-        val_images=len(val_data),
-        initial_val_acc=initial_val_acc,
-        final_train_loss=last["train_loss"],
-        final_train_acc=last["train_acc"],
-        final_val_loss=last["val_loss"],
-        final_val_acc=last["val_acc"],
-        predicted_peak_bytes=plan.estimate.peak_bytes,
-        peak_rss_bytes=peak_rss_bytes(),
-        seconds=time.monotonic() - started,
-        accuracy_fell=fell_below(initial_val_acc, last["val_acc"]),
-    )
-    write_json(request.out / SUMMARY_FILE, asdict(summary), indent=2)
+    with open_run_folder(request.out, RUN_OUTPUTS, request.resume, request.overwrite, progress) as folder:
+        if folder.finished:
+            return None
+        train_data, val_data = load_data(manifest, request)
+        check_loaded_data(plan, [train_data, val_data], request.force, progress)
+        engine = open_engine(manifest, request.artifact)
+        check_memory(plan.estimate.peak_bytes, request.force, progress, "with the engine loaded, the predicted peak")
+        config = TrainConfig(
+            request.epochs or plan.epochs,
+            plan.batch_size,
+            plan.lr,
+            plan.warmup_epochs,
+            plan.seed,
+            request.checkpoint_every,
+            plan.budget_unit,
+        )
+        progress.line(
+            f"{plan.model} on {train_data.source}: {len(train_data)} train / {len(val_data)} val images, "
+            f"method {plan.method}, budget {Budget(plan.budget, plan.budget_unit)} "
+            f"({len(sampler.layers)} candidate layers), predicted peak {format_bytes(plan.estimate.peak_bytes)}"
+        )
+        origin = {
+            "artifact_sha256": manifest.artifact_sha256,
+            "manifest_sha256": sha256_file(Path(request.artifact) / MANIFEST_FILE),
+        }
+        out, resume = folder.path, folder.resume
+        result = train(engine, sampler, train_data, val_data, config, out, progress, None, resume, origin)
+        model = folder.path / MODEL_FILE
+        with replacing(model) as tmp:
+            engine.export_inference(tmp)
+        ModelInfo.of(manifest).save(model)
+        last = result.epochs[-1]
+        summary = RunSummary(
+            artifact_sha256=manifest.artifact_sha256,
+            model=plan.model,
+            method=plan.method,
+            epochs=len(result.epochs),
+            train_images=len(train_data),
+            val_images=len(val_data),
+            initial_val_acc=result.initial_val_acc,
+            final_train_loss=last["train_loss"],
+            final_train_acc=last["train_acc"],
+            final_val_loss=last["val_loss"],
+            final_val_acc=last["val_acc"],
+            predicted_peak_bytes=plan.estimate.peak_bytes,
+            peak_rss_bytes=peak_rss_bytes(),
+            seconds=time.monotonic() - started,
+            accuracy_fell=fell_below(result.initial_val_acc, last["val_acc"]),
+        )
+        write_json(folder.path / SUMMARY_FILE, asdict(summary), indent=2)
+        folder.finish("run")
     return summary

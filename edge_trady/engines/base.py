@@ -31,6 +31,9 @@ class Engine(Protocol):
     def load_state(self, directory: Path) -> None:
         """Restore what ``save_state`` wrote."""
 
+    def weights_finite(self) -> bool:
+        """False if a weight that training changes is NaN or infinite (the loop stops: diverged)."""
+
     def trainable_state(self) -> dict[str, np.ndarray]:
         """The current value of every tensor that can change (candidate layers' full weights, the
         classifier's weight and bias), by parameter name; read-only, valid until the next step.

@@ -7,18 +7,37 @@ weight), ``eval_model.onnx`` (image in, logits out), ``optimizer_model.onnx`` (p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import ModuleType
 
+from ..core import fields as f
 from ..core.atomic import write_json
 from ..core.layers import LayerCost
 from ..errors import ArtifactError
 
 FORMAT_VERSION = 1
 LAYOUT_FILE = "layout.json"
+_NAMES = f.list_of(f.text, "a list of names")
+_RULES: dict[str, f.Rule] = {
+    "image_size": f.integer(1, 8192),
+    **dict.fromkeys(("classifier", "input_name", "labels_name", "loss_name", "logits_name"), f.text),
+    "masks": lambda v: (
+        None
+        if isinstance(v, dict) and all(not f.text(k) and not f.text(x) for k, x in v.items())
+        else "an object of mask input -> layer name"
+    ),
+    "params": lambda v: (
+        None
+        if isinstance(v, dict) and all(not f.text(k) and not _NAMES(x) for k, x in v.items())
+        else "an object of layer -> parameter names"
+    ),
+    "layers": f.list_of(f.layer_cost, "a list of layers"),
+    **dict.fromkeys(("training_model", "eval_model", "optimizer_model", "checkpoint"), f.relative_path),
+}
 MASK_PREFIX = "mask::"
 _HIDDEN_ON_IMPORT = ("torch", "onnx")
 
@@ -69,17 +88,28 @@ class ArtifactLayout:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> ArtifactLayout:
-        if data.get("version") != FORMAT_VERSION:
+    def from_dict(cls, data: dict, where: str = LAYOUT_FILE) -> ArtifactLayout:
+        version = data.get("version") if isinstance(data, dict) else None
+        if version != FORMAT_VERSION:
             raise ArtifactError(
-                f"artifact format version {data.get('version')!r}, this tool reads version "
+                f"{where}: artifact format version {version!r}, this tool reads version "
                 f"{FORMAT_VERSION}: export the artifact again"
             )
+        names = {field.name for field in dataclasses.fields(cls)}
+        if not set(data) <= names:
+            raise ArtifactError(f"{where}: unknown fields {sorted(set(data) - names)}")
+        f.check_fields(data, _RULES, where, ArtifactError)
         try:
             fields = {k: v for k, v in data.items() if k != "layers"}
-            return cls(**fields, layers=[LayerCost.from_dict(d) for d in data["layers"]])
+            layout = cls(**fields, layers=[LayerCost.from_dict(d) for d in data["layers"]])
         except (KeyError, TypeError) as exc:
-            raise ArtifactError(f"artifact layout is incomplete or malformed: {exc}") from exc
+            raise ArtifactError(f"{where}: incomplete or malformed artifact layout ({exc})") from exc
+        masked = [layer.name for layer in layout.layers]
+        if sorted(masked) != sorted(layout.masks.values()) or not set(masked) | {layout.classifier} <= set(
+            layout.params
+        ):
+            raise ArtifactError(f"{where}: masks, params and layers do not name the same layers")
+        return layout
 
     def save(self, directory: Path) -> None:
         write_json(directory / LAYOUT_FILE, self.to_dict())
@@ -91,9 +121,9 @@ class ArtifactLayout:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise ArtifactError(f"{path}: not found (is {directory} a training artifact?)") from None
-        except json.JSONDecodeError as exc:
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise ArtifactError(f"{path}: corrupt ({exc})") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(data, str(path))
 
     def check_files(self, directory: Path) -> None:
         """Raise ArtifactError if a file the layout names is missing from ``directory``."""

@@ -271,6 +271,9 @@ class PortableEngine:
         self._baked = baked
         self._session = None
 
+    def weights_finite(self) -> bool:
+        return all(np.isfinite(weight).all() for weight in self.weights.values())
+
     def export_inference(self, path: Path) -> None:
         """Write an ONNX model (image in, logits out, current weights) for ``InferenceSession``,
         atomically: the inference graph with the trainable weights' bytes replaced."""

@@ -14,16 +14,33 @@ An artifact directory of format ``onnx`` holds
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..core import fields as f
 from ..core.atomic import write_json
 from ..core.layers import LayerCost
 from ..errors import ArtifactError
 
 FORMAT_VERSION = 1
 LAYOUT_FILE = "portable.json"
+_NAME_TO_NAME = f.mapping(f.text, f.text, "an object of name -> name")
+_RULES: dict[str, f.Rule] = {
+    "image_size": f.integer(1, 8192),
+    **dict.fromkeys(
+        ("classifier", "min_onnxruntime", "input_name", "labels_name", "loss_name", "correct_name", "logits_name"),
+        f.text,
+    ),
+    "opset": f.integer(1, 1000),
+    "layers": f.list_of(f.layer_cost, "a list of layers"),
+    "weights": f.mapping(f.text, f.list_of(f.integer(1, 1 << 31), "x"), "an object of tensor -> shape"),
+    "refreshed": f.list_of(f.text, "a list of names"),
+    **dict.fromkeys(("channel_inputs", "inputs", "grads", "kept"), _NAME_TO_NAME),
+    **dict.fromkeys(("step_model", "inference_model"), f.relative_path),
+    "execution_order": f.one_of("priority_based"),
+}
 
 
 @dataclass
@@ -67,11 +84,24 @@ class PortableLayout:
                 f"{where}: portable layout version {found!r}, this edge-trady reads version {FORMAT_VERSION}: "
                 "export the artifact again with this version"
             )
+        names = {field.name for field in dataclasses.fields(cls)}
+        if not set(data) <= names:
+            raise ArtifactError(f"{where}: unknown fields {sorted(set(data) - names)}")
+        f.check_fields(data, _RULES, where, ArtifactError)
         try:
             fields = {k: v for k, v in data.items() if k != "layers"}
-            return cls(**fields, layers=[LayerCost.from_dict(d) for d in data["layers"]])
+            layout = cls(**fields, layers=[LayerCost.from_dict(d) for d in data["layers"]])
         except (KeyError, TypeError) as exc:
             raise ArtifactError(f"{where}: incomplete or malformed ({exc})") from exc
+        trainable = set(layout.weights)
+        if not (
+            set(layout.channel_inputs) == {layer.name for layer in layout.layers}
+            and set(layout.layer_of) <= trainable
+            and set(layout.inputs) == trainable == set(layout.grads)
+            and set(layout.refreshed) <= trainable
+        ):
+            raise ArtifactError(f"{where}: layers, channel inputs, weights, inputs and gradients do not name the same")
+        return layout
 
     def save(self, directory: Path) -> None:
         write_json(Path(directory) / LAYOUT_FILE, self.to_dict())

@@ -123,3 +123,7 @@ class TorchMaskedEngine:
 
     def load_state(self, directory: Path) -> None:
         self.model.load_state_dict(torch.load(directory / WEIGHTS_FILE, weights_only=True))
+
+    def weights_finite(self) -> bool:
+        with torch.no_grad():
+            return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())

@@ -3,6 +3,8 @@ and run the training loop with the chosen engine."""
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -11,23 +13,31 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.atomic import replacing, write_json
-from ..core.budget import Budget, parse_budget
+from ..core.atomic import replace_folder, replacing, staging_sibling, write_json
+from ..core.budget import Budget, cap_budget, parse_budget
 from ..core.layers import BYTES_PER_UNIT, LayerCost, channel_costs, full_units
 from ..core.selection import CandidateLayer, ChannelSampler, Selection, method_spec
 from ..device.data import Dataset, epoch_order, load_dataset, validation_source
-from ..device.loop import TrainConfig, evaluate, fell_below, train
+from ..device.loop import TrainConfig, fell_below, train
 from ..device.memwatch import peak_rss_bytes
 from ..device.progress import Progress
+from ..device.rundir import DONE_FILE, SUMMARY_FILE, TRAINING_OUTPUTS, open_run_folder, run_finished
 from ..device.runner import channel_sampler
 from ..engines.torch_masked import TorchMaskedEngine
-from ..errors import EdgeTradyError
+from ..errors import EdgeTradyError, RunFolderError
 from .cost_trace import following_batchnorms, trace_layers
 from .models import BuiltModel, build_model, model_normalization
 from .ranking import DEFAULT_K_RATIO, DEFAULT_THRESHOLD, K_RULES, Ranking, budget_top_k, build_ranking
 from .rgn import channel_rgn, layer_lara
 
 ENGINES = ("torch-masked", "torch-sparse", "ort", "portable")
+RANKING_FILE = "ranking.json"
+ARTIFACT_DIR = "artifact"  # the ort / portable engine's training artifact, inside the run folder
+FINETUNE_OUTPUTS = TRAINING_OUTPUTS.with_files("model.pt", "model.onnx", RANKING_FILE).with_folder(
+    ARTIFACT_DIR,
+    r"^(layout\.json|training_model\.onnx|eval_model\.onnx|optimizer_model\.onnx|checkpoint"
+    r"|portable\.json|train_step\.onnx|inference\.onnx)$",
+)
 SHIFT_SCOPES = ("none", "candidates", "all")
 
 
@@ -62,6 +72,7 @@ class FinetuneSpec:
     engine: str = "torch-masked"
     score_batches: int = 4  # batches used to score channels for the RGN oracles
     checkpoint_every: int = 0
+    trust_model_code: bool = False  # allow a model factory (Python code) as ``model``
     eval_every: int = 1  # validate every N epochs (and after the last)
 
 
@@ -81,7 +92,13 @@ class Prepared:
         return [layer for layer in self.layers if layer.name != self.built.classifier]
 
 
-def prepare(spec: FinetuneSpec) -> Prepared:
+def prepare(spec: FinetuneSpec, progress: Progress | None = None) -> Prepared:
+    budget = parse_budget(spec.budget)
+    if method_spec(spec.method).rule in ("random", "rgn") and budget.amount <= 0:
+        raise EdgeTradyError(
+            f"budget {spec.budget!r} selects no channel: give a budget > 0, or --method classifier-only "
+            "to train the classifier alone"
+        )
     train_data = load_dataset(
         spec.data, "train", spec.image_size, model_normalization(spec.model), spec.per_class, spec.seed
     )
@@ -92,10 +109,12 @@ def prepare(spec: FinetuneSpec) -> Prepared:
         raise EdgeTradyError(
             f"validation data has {val_data.num_classes} classes, training data {train_data.num_classes} ({val_spec})"
         )
-    built = build_model(spec.model, train_data.num_classes, spec.image_size, spec.seed)
+    built = build_model(spec.model, train_data.num_classes, spec.image_size, spec.seed, spec.trust_model_code)
     layers = trace_layers(built.module, spec.image_size)
     total = full_units(layers)
-    budget = parse_budget(spec.budget).resolve(total)
+    budget, note = cap_budget(budget.resolve(total), layers, spec.batch_size)
+    if note and progress is not None:
+        progress.line(f"note: {note}")
     return Prepared(built, layers, train_data, val_data, budget, total)
 
 
@@ -204,20 +223,48 @@ def make_engine(prep: Prepared, spec: FinetuneSpec, out_dir: Path, trainable: li
         return TorchSparseEngine(prep.built.module, prep.layers, prep.built.classifier, train_shifts=shifts)
     if shifts:
         raise EdgeTradyError("training BatchNorm shifts needs --engine torch-masked or torch-sparse")
-    artifact = out_dir / "artifact"
-    args = (prep.built.module, prep.layers, trainable, prep.built.classifier, spec.image_size, artifact)
+    artifact = out_dir / ARTIFACT_DIR
+    staging = staging_sibling(artifact)
+    args = (prep.built.module, prep.layers, trainable, prep.built.classifier, spec.image_size, staging)
     if spec.engine == "ort":
         from ..engines.ort_training import OrtEngine
         from .export.ort_training import export_training_artifact
 
-        artifact.mkdir(parents=True, exist_ok=True)
-        return OrtEngine(artifact, export_training_artifact(*args))
+        return OrtEngine(artifact, _export_artifact(export_training_artifact, args, artifact))
     if spec.engine == "portable":
         from ..engines.portable import PortableEngine
         from .export.portable import export_portable_artifact
 
-        return PortableEngine(artifact, export_portable_artifact(*args))
+        return PortableEngine(artifact, _export_artifact(export_portable_artifact, args, artifact))
     raise EdgeTradyError(f"unknown engine {spec.engine!r}; choose from {', '.join(ENGINES)}")
+
+
+def _export_artifact(export, args: tuple, artifact: Path):
+    """Export the run's training artifact (``export(*args)``, into the staging folder that ends
+    ``args``) and swap it in whole; refuses an ``artifact/`` holding files edge-trady did not
+    write. Returns the exporter's layout."""
+    staging = args[-1]
+    owned = FINETUNE_OUTPUTS.folders[ARTIFACT_DIR]
+    theirs = sorted(p.name for p in artifact.iterdir() if not owned.match(p.name)) if artifact.is_dir() else []
+    if theirs:
+        raise RunFolderError(f"{artifact}: holds files edge-trady did not write ({', '.join(theirs[:5])})")
+    try:
+        staging.mkdir(parents=True, exist_ok=True)
+        layout = export(*args)
+        replace_folder(staging, artifact)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return layout
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """A short hash of a model's parameters and buffers (names, shapes and values)."""
+    digest = hashlib.blake2b(digest_size=12)
+    for name, tensor in module.state_dict().items():
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}{tuple(value.shape)}{value.dtype}".encode())
+        digest.update(value.numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
 
 
 @dataclass
@@ -228,7 +275,7 @@ class FinetuneResult:
     budget_amount: float
     budget_unit: str
     top_k: list[str] | None
-    initial_val_acc: float
+    initial_val_acc: float | None
     final_val_acc: float | None
     final_train_loss: float
     peak_rss_bytes: int
@@ -238,20 +285,40 @@ class FinetuneResult:
     epochs: list[dict] = field(default_factory=list)
 
 
-def run_finetune(spec: FinetuneSpec, out_dir: Path, progress: Progress, resume: bool = False) -> FinetuneResult:
+def run_finetune(
+    spec: FinetuneSpec, out_dir: Path, progress: Progress, resume: bool = False, overwrite: bool = False
+) -> FinetuneResult | None:
+    """Fine-tune as ``spec`` says into the run folder ``out_dir`` (its rules: ``device.rundir``);
+    None for ``resume`` on a finished run (nothing done, nothing changed)."""
+    if resume and run_finished(out_dir):
+        progress.line(f"{out_dir}: the run there has finished ({DONE_FILE}); nothing to do")
+        return None
     started = time.monotonic()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    prep = prepare(spec)
+    with open_run_folder(out_dir, FINETUNE_OUTPUTS, resume, overwrite, progress) as folder:
+        if folder.finished:
+            return None
+        result = _finetune(spec, folder.path, progress, folder.resume, started)
+        folder.finish("finetune")
+    return result
+
+
+def _finetune(spec: FinetuneSpec, out_dir: Path, progress: Progress, resume: bool, started: float) -> FinetuneResult:
+    prep = prepare(spec, progress)
+    initial_weights = weights_digest(prep.built.module)
     top_k = spec.top_k
     if top_k is None and method_spec(spec.method).pool == "topk":
         if spec.ranking:
             ranking = Ranking.load(Path(spec.ranking))
+        elif resume and (out_dir / RANKING_FILE).is_file():
+            ranking = Ranking.load(out_dir / RANKING_FILE)  # the run's own; checked by the origin
         else:
             progress.line(f"ranking layers ({spec.rank_epochs} epoch(s) of full fine-tuning)")
             ranking = compute_ranking(prep, spec, progress)
-            ranking.save(out_dir / "ranking.json")
+            ranking.save(out_dir / RANKING_FILE)
         top_k = choose_top_k(ranking, prep, spec)
     sampler = make_sampler(prep, spec, top_k)
+    if sampler.needs_scores and spec.engine != "torch-masked":
+        raise EdgeTradyError(f"method {spec.method!r} (an RGN oracle) needs --engine torch-masked")
     shifts = shift_layers(prep, spec, [layer.name for layer in sampler.layers])
     if shifts and sampler.budget is not None:  # the shifts' gradients are paid from the budget
         reserved = shift_cost(prep, shifts)
@@ -261,11 +328,10 @@ def run_finetune(spec: FinetuneSpec, out_dir: Path, progress: Progress, resume: 
     else:
         reserved = 0.0
     engine = make_engine(prep, spec, out_dir, [layer.name for layer in sampler.layers], shifts)
-    initial_loss, initial_acc = evaluate(engine, prep.val, spec.batch_size)
     progress.line(
         f"{spec.model} on {prep.train.source}: {len(prep.train)} train / {len(prep.val)} val images, "
         f"method {spec.method}, budget {prep.budget} ({len(sampler.layers)} candidate layers), "
-        f"engine {spec.engine}; val_acc before {initial_acc:.4f}"
+        f"engine {spec.engine}"
     )
     config = TrainConfig(
         spec.epochs,
@@ -278,30 +344,35 @@ def run_finetune(spec: FinetuneSpec, out_dir: Path, progress: Progress, resume: 
         spec.eval_every,
     )
     score_fn = rgn_score_fn(engine, prep, sampler, spec) if sampler.needs_scores else None
-    if sampler.needs_scores and not isinstance(engine, TorchMaskedEngine):
-        raise EdgeTradyError(f"method {spec.method!r} (an RGN oracle) needs --engine torch-masked")
-    epochs = train(engine, sampler, prep.train, prep.val, config, out_dir, progress, score_fn, resume, initial_acc)
+    origin = {
+        "model": spec.model,
+        "image_size": spec.image_size,
+        "initial_weights": initial_weights,
+        "train_shifts": shifts,
+    }
+    result = train(engine, sampler, prep.train, prep.val, config, out_dir, progress, score_fn, resume, origin)
     if spec.engine in ("ort", "portable"):
         with replacing(out_dir / "model.onnx") as tmp:
             engine.export_inference(tmp)
     else:
         with replacing(out_dir / "model.pt") as tmp:
             torch.save(prep.built.module.state_dict(), tmp)
-    result = FinetuneResult(
+    epochs = result.epochs
+    summary = FinetuneResult(
         spec=asdict(spec),
         full_units=prep.full_units,
         budget=spec.budget,
         budget_amount=prep.budget.amount,
         budget_unit=prep.budget.unit,
         top_k=top_k,
-        initial_val_acc=initial_acc,
+        initial_val_acc=result.initial_val_acc,
         final_val_acc=epochs[-1]["val_acc"],
         final_train_loss=epochs[-1]["train_loss"],
         peak_rss_bytes=peak_rss_bytes(),
         seconds=time.monotonic() - started,
-        accuracy_fell=fell_below(initial_acc, epochs[-1]["val_acc"]),
+        accuracy_fell=fell_below(result.initial_val_acc, epochs[-1]["val_acc"]),
         shift_cost=reserved,
         epochs=epochs,
     )
-    write_json(out_dir / "summary.json", asdict(result), indent=2)
-    return result
+    write_json(out_dir / SUMMARY_FILE, asdict(summary), indent=2)
+    return summary

@@ -7,7 +7,9 @@ References:
 - ``mobilenetv2-w<width>`` (e.g. ``mobilenetv2-w0.35``): the in-repo MobileNetV2, random init
   (BatchNorm statistics calibrated on random images).
 - ``path/to/file.py:fn`` or ``package.module:fn``: ``fn`` returns an ``nn.Module``; it gets
-  ``num_classes=`` if it accepts it, otherwise its last Linear layer is replaced.
+  ``num_classes=`` if it accepts it, otherwise its last Linear layer is replaced. A factory is
+  Python code that runs with the user's permissions, so it is built only with ``trust_code``
+  (``--trust-model-code``): a plan file naming one must not run it just by being read.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from ..device.data import IMAGENET, MINUS_ONE_TO_ONE, Normalization
-from ..errors import EdgeTradyError
+from ..errors import EdgeTradyError, UntrustedCodeError
 
 BUILTINS = ("efficientnet-lite0", "efficientnet-lite1", "mobilenetv2-w<width>")
 _MOBILENET = re.compile(r"^mobilenetv2-w(\d+(?:\.\d+)?)$")
@@ -47,8 +49,15 @@ def model_normalization(ref: str) -> Normalization:
     return MINUS_ONE_TO_ONE if ref.startswith("efficientnet-lite") else IMAGENET
 
 
-def build_model(ref: str, num_classes: int, image_size: int, seed: int = 0) -> BuiltModel:
-    """Instantiate ``ref`` for ``num_classes`` outputs; new layers are initialised from ``seed``."""
+def build_model(ref: str, num_classes: int, image_size: int, seed: int = 0, trust_code: bool = False) -> BuiltModel:
+    """Instantiate ``ref`` for ``num_classes`` outputs; new layers are initialised from ``seed``.
+
+    A factory reference runs its code only with ``trust_code``; otherwise UntrustedCodeError."""
+    if ":" in ref and not trust_code:
+        raise UntrustedCodeError(
+            f"model {ref!r} is a model factory: Python code that would run with your permissions. "
+            f"Check {ref.rpartition(':')[0]!r} and pass --trust-model-code if you trust it"
+        )
     torch.manual_seed(seed)
     if ref in ("efficientnet-lite0", "efficientnet-lite1"):
         module, pretrained = _efficientnet_lite(ref, num_classes, image_size), True

@@ -7,13 +7,14 @@ smaller. A larger budget is never taken by default just because the memory is th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..core.budget import format_bytes, parse_budget
+from ..core.budget import cap_budget, format_bytes, parse_budget
 from ..core.layers import LayerCost, full_units
-from ..core.memory import MemoryEstimate, RunShape, estimate_memory
+from ..core.memory import MemoryEstimate, RunShape, estimate_memory, fleet_parts
 from ..core.plan import Plan
 from ..core.selection import Selection, candidate_names, method_spec
 from ..device.data import Dataset, load_dataset, load_transient_bytes
@@ -53,6 +54,9 @@ class PlanRequest:
     threshold: float = 0.97
     k_rule: str = "threshold"  # or "budget" (MeDyate: budget <= 20 % of the top-K memory)
     rank_epochs: int = 1
+    trust_model_code: bool = False  # allow a model factory (Python code) as ``model``
+    fleet: bool = False  # a fleet node: add Flower's processes and messages (core.memory.fleet_parts)
+    compare_engines: bool = False  # also predict the other engines' peaks (Plan.engines)
 
 
 @dataclass
@@ -68,6 +72,7 @@ class _Setup:
 
 
 def make_plan(req: PlanRequest, progress: Progress) -> Plan:
+    _check_request(req)
     if method_spec(req.method).batchnorm != "frozen" and req.engine != "torch-masked":
         raise PlanError(
             f"method {req.method!r} trains BatchNorm with batch statistics, which only the torch-masked engine "
@@ -78,14 +83,20 @@ def make_plan(req: PlanRequest, progress: Progress) -> Plan:
     baseline = _baseline(req.profile, req.engine)
     full = _footprint(setup, req.engine, setup.candidates, req.image_size)
     if req.budget is not None:
-        budget = parse_budget(req.budget).resolve(full_units(setup.layers))
+        resolved = parse_budget(req.budget).resolve(full_units(setup.layers))
+        budget, note = cap_budget(resolved, setup.layers, req.batch_size)
         amount, unit = budget.amount, budget.unit
         estimate = _estimate(req, setup, full, baseline, _budget_bytes(setup, req, amount, unit))
         if estimate.peak_bytes > usable:
             _refuse(req, setup, estimate, usable, f"budget {req.budget}")
-        notes = []
+        notes = [note] if note else []
+        if note:
+            progress.line(f"note: {note}")
     else:
         amount, unit, estimate, notes = _default_budget(req, setup, full, baseline, usable)
+    engines = (
+        _compare_engines(req, setup, usable, _budget_bytes(setup, req, amount, unit)) if req.compare_engines else []
+    )
     return Plan(
         model=req.model,
         num_classes=setup.built.num_classes,
@@ -115,7 +126,22 @@ def make_plan(req: PlanRequest, progress: Progress) -> Plan:
         data={"spec": req.data, "per_class": req.per_class, "dataset_bytes": setup.dataset_bytes},
         class_names=setup.class_names,
         notes=notes,
+        engines=engines,
     )
+
+
+def _check_request(req: PlanRequest) -> None:
+    """Refuse settings no run could use: learning rate, seed, epochs, a budget of nothing."""
+    if not (math.isfinite(req.lr) and req.lr > 0):
+        raise PlanError(f"learning rate {req.lr!r}: must be a finite number > 0")
+    if req.seed < 0 or req.epochs < 1 or req.batch_size < 1:
+        raise PlanError(f"seed ({req.seed}) must be >= 0, epochs ({req.epochs}) and batch size ({req.batch_size}) >= 1")
+    budgeted = req.budget is not None and method_spec(req.method).rule in ("random", "rgn")
+    if budgeted and parse_budget(req.budget).amount <= 0:
+        raise PlanError(
+            f"budget {req.budget!r} selects no channel: give a budget > 0, or --method classifier-only "
+            "to train the classifier alone"
+        )
 
 
 def _setup(req: PlanRequest, progress: Progress) -> _Setup:
@@ -127,7 +153,7 @@ def _setup(req: PlanRequest, progress: Progress) -> _Setup:
     num_classes = train.num_classes if train else req.num_classes
     if not num_classes:
         raise PlanError("give --data (to rank layers and size the data set) or --num-classes")
-    built = build_model(req.model, num_classes, req.image_size, req.seed)
+    built = build_model(req.model, num_classes, req.image_size, req.seed, req.trust_model_code)
     layers = trace_layers(built.module, req.image_size)
     ranking = _ranking(req, built, train, val, progress)
     names = [layer.name for layer in layers if layer.name != built.classifier]
@@ -167,6 +193,7 @@ def _ranking(req: PlanRequest, built, train, val, progress: Progress) -> Ranking
         seed=req.seed,
         rank_epochs=req.rank_epochs,
         threshold=req.threshold,
+        trust_model_code=req.trust_model_code,
     )
     layers = trace_layers(built.module, req.image_size)
     prep = Prepared(built, layers, train, val, parse_budget("100%"), full_units(layers))
@@ -238,7 +265,10 @@ def _estimate(
         data_load_bytes=setup.load_bytes,
         runtime_baseline_bytes=baseline,
     )
-    return estimate_memory(engine, shape)
+    estimate = estimate_memory(engine, shape)
+    if req.fleet:
+        estimate.parts += fleet_parts(sum(4 * layer.weight_count for layer in setup.candidates) + head_bytes)
+    return estimate
 
 
 def _default_budget(
@@ -316,7 +346,7 @@ def _suggestions(req: PlanRequest, setup: _Setup, usable: int) -> list[str]:
     for size in (req.image_size * 3 // 4, req.image_size // 2):
         if size < 16 or size == req.image_size:
             continue
-        built = build_model(req.model, setup.built.num_classes, size, req.seed)
+        built = build_model(req.model, setup.built.num_classes, size, req.seed, req.trust_model_code)
         layers = trace_layers(built.module, size)
         smaller_setup = _Setup(
             built, layers, [], None, None, None, setup.dataset_bytes * size**2 // req.image_size**2, setup.load_bytes
@@ -327,3 +357,44 @@ def _suggestions(req: PlanRequest, setup: _Setup, usable: int) -> list[str]:
             found.append(f"--image-size {size}")
             break
     return found
+
+
+# Engines that cannot run on an architecture at all, whatever the memory (no wheel to install).
+UNAVAILABLE = {("ort", "aarch64"): "no onnxruntime-training wheel exists for aarch64"}
+
+
+def _compare_engines(req: PlanRequest, setup: _Setup, usable: int, budget_bytes: float) -> list[dict]:
+    """The other engines' predicted peaks for this plan: at its budget and for the smallest plan
+    (the classifier only), whether they fit, and why not."""
+    rows = []
+    for engine in ("portable", "torch-sparse", "torch-masked", "ort"):
+        if engine == req.engine:
+            continue
+        key = "ort" if engine in ("ort", "portable") else "torch"
+        baseline = req.profile.runtime_baseline_bytes.get(key)
+        row: dict = {"engine": engine, "at_budget_bytes": None, "smallest_bytes": None}
+        if baseline is None:
+            row.update(fits="unknown", reason=f"the profile has no {key} runtime baseline")
+            rows.append(row)
+            continue
+        sparse = engine in SPARSE_ENGINES
+        full = _footprint(setup, engine, setup.candidates, req.image_size)
+        head = full if sparse else _footprint(setup, engine, [], req.image_size)
+        at_budget = _estimate(req, setup, full, baseline, budget_bytes, engine).peak_bytes
+        smallest = _estimate(req, setup, head, baseline, 0, engine).peak_bytes
+        fits = "yes" if at_budget <= usable else "classifier only" if smallest <= usable else "no"
+        reasons = []
+        if fits != "yes":
+            why = "keeps the full input of every candidate layer" if not sparse else "at this budget"
+            reasons.append(f"{why}: {format_bytes(at_budget)} > usable {format_bytes(usable)}")
+        if fits == "no":
+            reasons.append(f"even the classifier alone needs {format_bytes(smallest)}")
+        if key == "torch" and fits != "yes":
+            reasons.append(f"the torch runtime alone takes {format_bytes(baseline)}")
+        blocked = UNAVAILABLE.get((engine, req.profile.arch))
+        if blocked:
+            fits = "no"
+            reasons.insert(0, blocked)
+        row.update(at_budget_bytes=at_budget, smallest_bytes=smallest, fits=fits, reason="; ".join(reasons))
+        rows.append(row)
+    return rows

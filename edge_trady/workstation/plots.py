@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..core.atomic import replacing
 from ..core.memory import MemoryEstimate
 
 
@@ -27,5 +28,6 @@ def plot_memory(estimate: MemoryEstimate, usable: int, title: str, path: Path) -
     ax.legend(title="phase", loc="lower right")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with replacing(Path(path)) as tmp:  # the temporary keeps the suffix: the format
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)

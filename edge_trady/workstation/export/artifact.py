@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import onnxruntime
 import torch
 
 from ... import __version__
+from ...core.atomic import replace_folder, staging_sibling
 from ...core.plan import Plan
 from ...device.manifest import MANIFEST_FILE, Manifest, hash_files
 from ...device.runner import plan_sampler
@@ -24,12 +26,19 @@ from .portable import export_portable_artifact
 FORMAT_OF_ENGINE = {"portable": "onnx", "ort": "ort-training"}  # the plan's engine -> what it runs
 
 
-def export_plan(plan: Plan, out_dir: Path, artifact_format: str | None = None) -> Manifest:
+def export_plan(
+    plan: Plan,
+    out_dir: Path,
+    artifact_format: str | None = None,
+    overwrite: bool = False,
+    trust_model_code: bool = False,
+) -> Manifest:
     """Write the artifact of ``plan`` (format ``artifact_format``, default: the one its engine
     runs) and its manifest to ``out_dir``; return the Manifest.
 
-    The artifact is built in a sibling folder and renamed into place when complete, so a failed
-    export leaves no half-written artifact behind."""
+    The artifact is built in a hidden sibling folder and swapped into place when complete, so a
+    failed or killed export leaves the previous artifact (or nothing) behind, never half of one.
+    ``out_dir`` must be new or empty, or (``overwrite``) hold exactly one artifact."""
     artifact_format = artifact_format or FORMAT_OF_ENGINE.get(plan.engine)
     engine = next((e for e, f in FORMAT_OF_ENGINE.items() if f == artifact_format), None)
     if plan.engine != engine:
@@ -37,13 +46,13 @@ def export_plan(plan: Plan, out_dir: Path, artifact_format: str | None = None) -
             f"the plan is for engine {plan.engine!r}: its memory prediction does not hold for the device runner of "
             f"format {artifact_format or 'onnx'!r}; make it with 'edge-trady plan --engine {engine or 'portable'}'"
         )
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_FILE).is_file():
-        raise ArtifactError(f"{out_dir}: exists and is not an artifact; give an empty or new folder")
+    out_dir = Path(out_dir).expanduser().resolve()
+    check_export_target(out_dir, overwrite)
     trainable = [layer.name for layer in plan_sampler(plan).layers]
-    built = build_model(plan.model, plan.num_classes, plan.image_size, plan.seed)
+    built = build_model(plan.model, plan.num_classes, plan.image_size, plan.seed, trust_model_code)
     layers = trace_layers(built.module, plan.image_size)
-    staging = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_sibling(out_dir)
     args = (built.module, layers, trainable, built.classifier, plan.image_size, staging)
     try:
         if artifact_format == "onnx":
@@ -78,8 +87,40 @@ def export_plan(plan: Plan, out_dir: Path, artifact_format: str | None = None) -
             files=hash_files(staging),
         )
         manifest.save(staging)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        staging.rename(out_dir)
+        replace_folder(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
+
+
+def check_export_target(out_dir: Path, overwrite: bool) -> None:
+    """Refuse to write an artifact over anything but a new or empty folder, or (``overwrite``) a
+    folder holding exactly one artifact: its manifest and the files the manifest lists."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ArtifactError(f"{out_dir}: exists and is not a folder")
+    present = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*") if not p.is_dir())
+    if not present:
+        return
+    manifest = out_dir / MANIFEST_FILE
+    if not manifest.is_file():
+        raise ArtifactError(
+            f"{out_dir}: not empty and not an artifact ({_shown(present)}); give an empty or new folder"
+        )
+    if not overwrite:
+        raise ArtifactError(f"{out_dir}: holds an artifact already; --overwrite replaces it, or give a new folder")
+    try:
+        listed = json.loads(manifest.read_text()).get("files")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        listed = None
+    foreign = sorted(set(present) - set(listed if isinstance(listed, dict) else []) - {MANIFEST_FILE})
+    if foreign:
+        raise ArtifactError(
+            f"{out_dir}: holds files that are not part of its artifact ({_shown(foreign)}); move them away, "
+            "or export to a new folder"
+        )
+
+
+def _shown(names: list[str], most: int = 5) -> str:
+    return ", ".join(names[:most]) + (" ..." if len(names) > most else "")
