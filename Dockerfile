@@ -49,6 +49,9 @@ FROM ${BASE_IMAGE} AS builder
 # ort       : .[ort]    -> onnxruntime-training-cpu (x86_64 only)
 # none      : the device-side package only (profile / data tools)
 ARG ENGINE=portable
+# More extras of edge-trady, comma separated: e.g. EXTRAS=fleet (Flower 1.42, for a fleet node:
+# deploy/fleet/).
+ARG EXTRAS=
 # ENGINE=torch (unless the base already has torch): which torch to install. Pinned because the
 # PyPI aarch64 wheels from torch 2.11 on depend on the CUDA 13 libraries (several GB, useless on
 # a Pi); up to 2.10 they are CPU-only. On x86_64 every PyPI torch pulls CUDA: use the PyTorch CPU
@@ -78,7 +81,7 @@ RUN printf '%s\n' \
       'fi' \
       > /usr/local/bin/with-pipconf.sh
 
-# 1) dependencies only (cached until pyproject.toml, the constraints or ENGINE change)
+# 1) dependencies only (cached until pyproject.toml, the constraints, ENGINE or EXTRAS change)
 WORKDIR /src
 COPY pyproject.toml constraints-device.txt constraints.txt ./
 RUN set -eu; . /usr/local/bin/with-pipconf.sh; \
@@ -92,6 +95,7 @@ RUN set -eu; . /usr/local/bin/with-pipconf.sh; \
       none) ;; \
       *) echo "unknown ENGINE=$ENGINE (portable|torch|ort|none)" >&2; exit 2 ;; \
     esac; \
+    if [ -n "$EXTRAS" ]; then inner="${extra#[}"; inner="${inner%]}"; extra="[${inner:+$inner,}$EXTRAS]"; fi; \
     python3 -m venv $venv_opts /opt/venv; \
     /opt/venv/bin/pip install --upgrade pip setuptools wheel; \
     torch_index=""; [ -z "$TORCH_INDEX_URL" ] || torch_index="--extra-index-url $TORCH_INDEX_URL"; \

@@ -1,28 +1,40 @@
-"""Training speed and peak memory of the ONNX Runtime runner and the PyTorch engines, same plan.
+"""Training speed and peak memory of every engine, side by side, each in fresh processes.
 
-One plan (``edge-trady plan --engine ort``: EfficientNet-Lite0, 64 px, batch 32, TraDy, 2 % budget,
-top-K of bench/results/ranking-efficientnet-lite0-64px.json) exported as an artifact
-(``edge-trady export``). Then, each in a FRESH process with one thread (``OMP_NUM_THREADS=1``,
-``torch.set_num_threads(1)``, ORT ``intra_op_num_threads=1``), on the same Fashion-MNIST batches and
-the plan's epoch-0 selection:
+EfficientNet-Lite0, real Fashion-MNIST, 64 px, batch 32, TraDy at a 2 % budget (top-K of
+bench/results/ranking-efficientnet-lite0-64px.json). For each engine ``benchlib.train_fresh`` makes
+the plan (``edge-trady plan --engine E``; same ranking, budget and seed, so the same selection) and
+trains one epoch with the real command in a fresh process:
 
-- ``ort``: ``engines.ort_training.OrtEngine`` on the artifact (numpy + onnxruntime only, as ``edge-trady run``);
-- ``torch-masked`` / ``torch-sparse``: the PyTorch engines, model built from the plan's seed;
-- ``torch-full``: every Conv/Linear weight trained (torch-masked engine, method ``full``).
+- ``portable``: ``edge-trady run`` on the ``--format onnx`` artifact, in .venv-device (plain
+  onnxruntime 1.32, no torch);
+- ``ort``: ``edge-trady run`` on the ``--format ort-training`` artifact (onnxruntime-training 1.19.2);
+- ``torch-sparse`` / ``torch-masked``: ``edge-trady finetune --plan``;
+- ``torch-full``: full fine-tuning (every Conv/Linear weight; ``--method full-frozen-bn``, masked engine).
 
-Per engine: 2 warm-up + N timed training steps; images/s from the median ``time.process_time()``
-per step (CPU time: the machine is shared) and from the median wall time; VmHWM of the whole process
-and of the training phase (VmHWM reset by ``/proc/self/clear_refs`` after setup).
+**Whole-process peak** = that process's VmHWM (imports, data loading, artifact/model, training,
+evaluation, checkpoint, final model export). **Inference-only peak** = VmHWM of a fresh process of
+the same runtime that loads the same data the same way, then the fine-tuned model (plain
+onnxruntime / onnxruntime-training's onnxruntime with torch blocked, as the runner; torch in
+``eval()`` under ``no_grad``) and predicts every training batch. **Training overhead** = whole-process
+peak minus its runtime's inference-only peak.
+
+Speed: a worker process per engine (one thread: ``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``,
+ORT ``intra_op_num_threads=1``) runs the engine on the same batches with the plan's epoch-0
+selection: warm-up + timed training steps. Images/s = batch / median ``time.process_time()`` per step
+(CPU time: the machine is shared, so wall time is not a measure of the engines).
+The workers also give the training-phase peak (VmHWM reset by ``/proc/self/clear_refs`` after set-up).
 
     python bench/speed.py
 
-Writes bench/results/speed.csv and docs/speed.md (keeps the text after ``<!-- discussion -->``).
+Prints the table and the targets of issue 9 item 4; writes bench/results/speed.{csv,json,png} and
+docs/speed.md (keeps the text after ``<!-- discussion -->``).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib.metadata
 import json
 import os
 import platform
@@ -33,39 +45,69 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import RESULTS, ROOT, cli, ensure_ranking, reset_peak_rss
+from benchlib import MODEL, RESULTS, ROOT, SETUPS, device_python, make_plan, reset_peak_rss, train_fresh
 
 DOC = ROOT / "docs" / "speed.md"
-MODEL = "efficientnet-lite0"
 MiB = 2**20
 MARKER = "<!-- discussion -->"
-ENGINES = ("ort", "torch-masked", "torch-sparse", "torch-full")
+RAW = RESULTS / "speed-raw.json"  # every measurement, saved as it is made (--resume)
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+RUNTIMES = {  # engine -> the runtime whose inference-only peak it is compared with
+    "portable": "onnxruntime",
+    "ort": "onnxruntime-training",
+    "torch-sparse": "torch",
+    "torch-masked": "torch",
+    "torch-full": "torch",
+}
 
 
 def worker(cfg: dict) -> dict:
-    """One engine in this (fresh) process: set up, time training steps, read the peaks."""
-    from edge_trady.core.budget import Budget
-    from edge_trady.device.data import Normalization, epoch_order, load_dataset
-    from edge_trady.device.manifest import Manifest
-    from edge_trady.device.memwatch import current_rss_bytes, peak_rss_bytes
-    from edge_trady.device.runner import channel_sampler, plan_sampler
+    """One engine (or, for ``infer:RUNTIME``, inference only) in this fresh process."""
+    from edge_trady.core.plan import Plan
+    from edge_trady.device.data import Normalization, epoch_order, load_dataset, validation_source
+    from edge_trady.device.memwatch import peak_rss_bytes
+    from edge_trady.device.runner import plan_sampler
 
-    started = time.monotonic()
-    artifact = Path(cfg["artifact"])
-    manifest = Manifest.load(artifact)
-    plan = manifest.plan
-    norm = Normalization.from_dict(manifest.normalization)
+    plan = Plan.load(Path(cfg["plan"]))
+    norm = Normalization.from_dict(plan.normalization)
     data = load_dataset("fashion-mnist", "train", plan.image_size, norm, cfg["per_class"], plan.seed)
-    selection = plan_sampler(plan).select(0)
+    val_spec, val_split = validation_source(None, "fashion-mnist")
+    load_dataset(val_spec, val_split, plan.image_size, norm, cfg["per_class"], plan.seed)  # as the runner does
+    batches = [b for b in data.batches(plan.batch_size, epoch_order(len(data), plan.seed, 0))]
+    batches = [b for b in batches if len(b[1]) == plan.batch_size]
     name = cfg["engine"]
-    if name == "ort":
+    step = _predictor(name, cfg) if name.startswith("infer:") else _trainer(name, cfg, plan, plan_sampler(plan))
+    step(*batches[0])
+    setup_peak = peak_rss_bytes()
+    reset = reset_peak_rss()
+    cpu = []
+    for index in range(cfg["warmup"] + cfg["steps"]):
+        x, y = batches[index % len(batches)]
+        started = time.process_time()
+        step(x, y)
+        if index >= cfg["warmup"]:
+            cpu.append(time.process_time() - started)
+    phase_peak = peak_rss_bytes()
+    return {
+        "phase_peak": phase_peak,
+        "process_peak": max(setup_peak, phase_peak) if reset else phase_peak,
+        "cpu_step_s": statistics.median(cpu),
+        "torch_loaded": "torch" in sys.modules,
+    }
+
+
+def _trainer(name: str, cfg: dict, plan, sampler):
+    """``step(x, y)``: one training step of engine ``name`` with the plan's epoch-0 selection."""
+    if name == "portable":
+        from edge_trady.engines.portable import PortableEngine
+
+        engine = PortableEngine(Path(cfg["artifact"]), threads=1)
+    elif name == "ort":
         from edge_trady.engines.ort_training import C, OrtEngine
 
         options = C.SessionOptions()
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        engine = OrtEngine(artifact, options=options)
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        engine = OrtEngine(Path(cfg["artifact"]), options=options)
     else:
         import torch
 
@@ -77,60 +119,47 @@ def worker(cfg: dict) -> dict:
 
         built = build_model(plan.model, plan.num_classes, plan.image_size, plan.seed)
         layers = trace_layers(built.module, plan.image_size)
-        if name == "torch-sparse":
-            engine = TorchSparseEngine(built.module, layers, built.classifier)
-        else:
-            engine = TorchMaskedEngine(built.module, layers, built.classifier)
-        if name == "torch-full":
-            candidates = [layer for layer in layers if layer.name != built.classifier]
-            full = channel_sampler("full", candidates, None, Budget(0, "units"), plan.batch_size, 0, "skip")
-            selection = full.select(0)
+        kind = TorchSparseEngine if name == "torch-sparse" else TorchMaskedEngine
+        engine = kind(built.module, layers, built.classifier)
+    selection = sampler.select(0)
     engine.set_selection(selection)
-    batches = [b for b in data.batches(plan.batch_size, epoch_order(len(data), plan.seed, 0))]
-    batches = [b for b in batches if len(b[1]) == plan.batch_size]
-    engine.predict(batches[0][0])
-    setup_peak = peak_rss_bytes()
-    setup_rss = current_rss_bytes()
-    reset = reset_peak_rss()
-    cpu, wall = [], []
-    for step in range(cfg["warmup"] + cfg["steps"]):
-        x, y = batches[step % len(batches)]
-        started_cpu, started_wall = time.process_time(), time.perf_counter()
-        engine.train_step(x, y, plan.lr)
-        if step >= cfg["warmup"]:
-            cpu.append(time.process_time() - started_cpu)
-            wall.append(time.perf_counter() - started_wall)
-    train_peak = peak_rss_bytes()
-    return {
-        "channels": selection.channel_count,
-        "layers": len(selection.channels),
-        "setup_rss": setup_rss,
-        "setup_peak": setup_peak,
-        "train_peak": train_peak,
-        "process_peak": max(setup_peak, train_peak) if reset else train_peak,
-        "hwm_reset": reset,
-        "cpu_step_s": statistics.median(cpu),
-        "wall_step_s": statistics.median(wall),
-        "torch_loaded": "torch" in sys.modules,
-        "seconds": time.monotonic() - started,
-    }
+    cfg["channels"], cfg["layers"] = selection.channel_count, len(selection.channels)
+    return lambda x, y: engine.train_step(x, y, plan.lr)
 
 
-def make_artifact(directory: Path, args: argparse.Namespace) -> Path:
-    ranking = ensure_ranking(args.image_size, per_class=args.per_class)
-    common = ["--model", MODEL, "--data", "fashion-mnist", "--per-class", str(args.per_class), "--quiet"]
-    plan = directory / "plan.json"
-    cli("plan", *common, "--image-size", str(args.image_size), "--profile", args.profile, "--engine", "ort",
-         "--batch-size", str(args.batch_size), "--budget", args.budget, "--ranking", str(ranking),
-         "--epochs", "1", "-o", str(plan))  # fmt: skip
-    artifact = directory / "artifact"
-    cli("export", str(plan), "-o", str(artifact), "--quiet")
-    return artifact
+def _predictor(name: str, cfg: dict):
+    """``step(x, y)``: inference only of the fine-tuned model on runtime ``name`` (``infer:...``)."""
+    if name == "infer:torch":
+        import torch
+
+        torch.set_num_threads(1)
+        from edge_trady.core.plan import Plan
+        from edge_trady.workstation.models import build_model
+
+        plan = Plan.load(Path(cfg["plan"]))
+        model = build_model(plan.model, plan.num_classes, plan.image_size, plan.seed).module.eval()
+
+        def step(x, y):
+            with torch.no_grad():
+                model(torch.from_numpy(x))
+
+        return step
+    from edge_trady.engines.ort_runtime import ort_bindings
+
+    ort_bindings()  # as the runners: onnxruntime without letting it import torch
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(cfg["model"], options, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    return lambda x, y: session.run(None, {input_name: x})
 
 
-def run_worker(cfg: dict) -> dict:
+def run_worker(cfg: dict, device: bool) -> dict:
     env = {**os.environ, **ONE_THREAD}
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(cfg)]
+    python = device_python() if device else sys.executable
+    command = [str(python), str(Path(__file__).resolve()), "--worker", json.dumps(cfg)]
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"worker failed for {cfg['engine']}:\n{done.stderr[-3000:]}")
@@ -138,110 +167,259 @@ def run_worker(cfg: dict) -> dict:
     return json.loads(line[len("RESULT ") :])
 
 
-def summarize(engine: str, results: list[dict], batch: int) -> dict:
+def measure(args: argparse.Namespace, directory: Path, raw: dict) -> tuple[list[dict], list[dict]]:
+    """The engines' rows and the runtimes' inference-only rows. ``raw`` holds every measurement as
+    it is made (saved to RAW after each one); with ``--resume`` the ones already in it are kept."""
+    plans = {}
+    for engine in args.engines:  # the real commands: whole-process peaks, the fine-tuned models
+        here = directory / engine
+        if engine in raw["runs"]:  # measured before: only the plan (the current model's prediction)
+            make_plan(
+                engine, args.image_size, args.batch_size, args.budget, args.per_class, args.profile, here / "plan.json"
+            )
+        else:
+            done = train_fresh(
+                engine, args.image_size, args.batch_size, args.budget, args.per_class, args.profile, here
+            )
+            raw["runs"][engine] = {"measured_bytes": done["measured_bytes"]}
+            _save_raw(raw)
+        plans[engine] = here / "plan.json"
+        print(f"{engine:13} whole-process peak {raw['runs'][engine]['measured_bytes'] / MiB:.1f} MiB", flush=True)
+    base = {"per_class": args.per_class, "warmup": args.warmup, "steps": args.steps}
+    inference = {}  # runtime -> the config of its inference-only worker
+    for engine in args.engines:
+        runtime = RUNTIMES[engine]
+        if runtime not in inference:
+            model = directory / engine / "run" / "model.onnx"
+            cfg = {**base, "engine": f"infer:{runtime}", "plan": str(plans[engine]), "model": str(model)}
+            inference[runtime] = (cfg, SETUPS[engine].device)
+    for repeat in range(args.repeats):  # interleaved: load changes hit every engine alike
+        for engine in args.engines:
+            done = raw["trained"].setdefault(engine, [])
+            if len(done) <= repeat:
+                artifact = directory / engine / "artifact"
+                cfg = {**base, "engine": engine, "plan": str(plans[engine]), "artifact": str(artifact)}
+                done.append(run_worker(cfg, SETUPS[engine].device))
+                _save_raw(raw)
+            r = done[repeat]
+            print(f"{engine:13} CPU {r['cpu_step_s']:.3f} s/step, training-phase peak {r['phase_peak'] / MiB:.1f} MiB")
+        for runtime, (cfg, device) in inference.items():
+            done = raw["inferred"].setdefault(runtime, [])
+            if len(done) <= repeat:
+                done.append(run_worker(cfg, device))
+                _save_raw(raw)
+            r = done[repeat]
+            print(f"{'infer ' + runtime:13} CPU {r['cpu_step_s']:.3f} s/batch, peak {r['process_peak'] / MiB:.1f} MiB")
+    infer_rows = {runtime: summarize(raw["inferred"][runtime], args.batch_size) for runtime in inference}
+    rows = []
+    for engine in args.engines:
+        row = summarize(raw["trained"][engine], args.batch_size)
+        ref = infer_rows[RUNTIMES[engine]]
+        peak = raw["runs"][engine]["measured_bytes"] / MiB
+        layers, channels = _selection_size(plans[engine])
+        rows.append(
+            {
+                "engine": engine,
+                "runtime": RUNTIMES[engine],
+                "layers": layers,
+                "channels": channels,
+                "process_peak_mib": peak,
+                "predicted_peak_mib": json.loads(plans[engine].read_text())["memory"]["peak_bytes"] / MiB,
+                "inference_peak_mib": ref["worker_peak_mib"],
+                "overhead_mib": peak - ref["worker_peak_mib"],
+                **row,
+                "torch_loaded": SETUPS[engine].runner == "finetune",
+            }
+        )
+    return rows, [{"runtime": runtime, **row} for runtime, row in infer_rows.items()]
+
+
+def _selection_size(plan_path: Path) -> tuple[int, int]:
+    """Trained layers and channels of the plan's epoch-0 selection (what the workers train)."""
+    from edge_trady.core.plan import Plan
+    from edge_trady.device.runner import plan_sampler
+
+    selection = plan_sampler(Plan.load(plan_path)).select(0)
+    return len(selection.channels), selection.channel_count
+
+
+def _save_raw(raw: dict) -> None:
+    from edge_trady.core.atomic import write_json
+
+    write_json(RAW, raw)
+
+
+def summarize(results: list[dict], batch: int) -> dict:
+    """Median CPU time per step (images/s from it) and the highest peaks over the worker processes."""
     cpu = statistics.median(r["cpu_step_s"] for r in results)
-    wall = statistics.median(r["wall_step_s"] for r in results)
     return {
-        "engine": engine,
-        "layers": results[0]["layers"],
-        "channels": results[0]["channels"],
         "cpu_step_s": cpu,
-        "wall_step_s": wall,
         "images_per_s_cpu": batch / cpu,
-        "images_per_s_wall": batch / wall,
-        "process_peak_mib": max(r["process_peak"] for r in results) / MiB,
-        "train_peak_mib": max(r["train_peak"] for r in results) / MiB,
-        "setup_rss_mib": statistics.median(r["setup_rss"] for r in results) / MiB,
-        "torch_loaded": results[0]["torch_loaded"],
+        "phase_peak_mib": _highest(results, "phase_peak"),
+        "worker_peak_mib": _highest(results, "process_peak"),
         "processes": len(results),
     }
 
 
+def _highest(results: list[dict], key: str) -> float | None:
+    """The largest ``key`` over the worker results in MiB (None: not recorded)."""
+    values = [r[key] for r in results if r.get(key) is not None]
+    return max(values) / MiB if values else None
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """Issue 9 item 4's targets, each with the figures it compares."""
+    by = {r["engine"]: r for r in rows}
+    if not {"portable", "ort", "torch-sparse", "torch-full"} <= set(by):
+        return []
+    p, o, s, f = by["portable"], by["ort"], by["torch-sparse"], by["torch-full"]
+    checks = [
+        ("portable peak <= 0.5x ORT-training runner's", p["process_peak_mib"], 0.5 * o["process_peak_mib"], "<="),
+        ("portable peak < torch-sparse's", p["process_peak_mib"], s["process_peak_mib"], "<"),
+        ("portable images/s >= torch-sparse's", p["images_per_s_cpu"], s["images_per_s_cpu"], ">="),
+        ("portable images/s >= 1.5x ORT-training's", p["images_per_s_cpu"], 1.5 * o["images_per_s_cpu"], ">="),
+        ("portable overhead <= full fine-tuning's / 10", p["overhead_mib"], f["overhead_mib"] / 10, "<="),
+    ]
+    met = {"<=": lambda a, b: a <= b, "<": lambda a, b: a < b, ">=": lambda a, b: a >= b}
+    return [{"target": t, "value": v, "bound": b, "met": met[op](v, b)} for t, v, b, op in checks]
+
+
 def table(rows: list[dict]) -> str:
     lines = [
-        "| engine | trained layers / channels | CPU s/step | images/s (CPU time) | wall s/step "
-        "| images/s (wall) | process peak MiB | training-phase peak MiB | RSS after setup MiB | torch loaded |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| engine | runtime | trained layers / channels | whole-process peak MiB | predicted MiB "
+        "| inference-only peak MiB | training overhead MiB | CPU s/step | images/s (CPU time) "
+        "| training-phase peak MiB | torch loaded |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['engine']} | {r['layers']} / {r['channels']} | {r['cpu_step_s']:.3f} | "
-            f"{r['images_per_s_cpu']:.1f} | {r['wall_step_s']:.3f} | {r['images_per_s_wall']:.1f} | "
-            f"{r['process_peak_mib']:.1f} | {r['train_peak_mib']:.1f} | {r['setup_rss_mib']:.1f} | "
-            f"{'yes' if r['torch_loaded'] else 'no'} |"
+            f"| {r['engine']} | {r['runtime']} | {r['layers']} / {r['channels']} | **{r['process_peak_mib']:.1f}** | "
+            f"{r['predicted_peak_mib']:.1f} | {r['inference_peak_mib']:.1f} | {r['overhead_mib']:.1f} | "
+            f"{r['cpu_step_s']:.3f} | **{r['images_per_s_cpu']:.1f}** | "
+            f"{r['phase_peak_mib']:.1f} | {'yes' if r['torch_loaded'] else 'no'} |"
         )
     return "\n".join(lines)
 
 
-def write(rows: list[dict], meta: dict, args: argparse.Namespace) -> None:
+def inference_table(rows: list[dict]) -> str:
+    lines = [
+        "| runtime (inference only) | whole-process peak MiB | images/s (CPU time) |",
+        "|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['runtime']} | {r['worker_peak_mib']:.1f} | {r['images_per_s_cpu']:.1f} |")
+    return "\n".join(lines)
+
+
+def targets_table(checks: list[dict]) -> str:
+    lines = ["| target | value | bound | met |", "|---|---|---|---|"]
+    for c in checks:
+        lines.append(f"| {c['target']} | {c['value']:.1f} | {c['bound']:.1f} | {'yes' if c['met'] else '**no**'} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from edge_trady.core.atomic import replacing
+
+    names = [r["engine"] for r in rows]
+    xs = range(len(rows))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    base = [r["inference_peak_mib"] for r in rows]
+    left.bar(xs, base, color="lightgrey", label="inference-only peak (same runtime)")
+    left.bar(xs, [r["overhead_mib"] for r in rows], bottom=base, color="tab:red", label="training overhead")
+    left.scatter(xs, [r["predicted_peak_mib"] for r in rows], marker="_", s=400, color="k", label="planner prediction")
+    left.set_xticks(list(xs), names, rotation=20)
+    left.set_ylabel("whole-process peak (VmHWM), MiB")
+    left.legend(fontsize=7)
+    right.bar(xs, [r["images_per_s_cpu"] for r in rows], color="tab:blue")
+    right.set_xticks(list(xs), names, rotation=20)
+    right.set_ylabel("training images/s (CPU time, 1 thread)")
+    fig.suptitle(f"{MODEL}, Fashion-MNIST, 64 px, batch 32, TraDy 2 % (full: every weight)")
+    fig.tight_layout()
+    with replacing(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+
+
+def write(rows: list[dict], infer: list[dict], checks: list[dict], meta: dict, args: argparse.Namespace) -> None:
+    from edge_trady.core.atomic import replacing, write_json, write_text
+
     RESULTS.mkdir(parents=True, exist_ok=True)
-    with (RESULTS / "speed.csv").open("w", newline="") as handle:
+    with replacing(RESULTS / "speed.csv") as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    text = table(rows)
+    write_json(RESULTS / "speed.json", {"meta": meta, "engines": rows, "inference": infer, "targets": checks})
+    plot(rows, RESULTS / "speed.png")
+    text = f"{table(rows)}\n\n{inference_table(infer)}\n\n{targets_table(checks)}"
     print(text)
     tail = DOC.read_text().split(MARKER, 1)[1] if DOC.exists() and MARKER in DOC.read_text() else "\n"
-    DOC.write_text(
-        f"# Training speed and memory: ONNX Runtime runner vs PyTorch engines\n\n"
-        f"Command: `{meta['command']}` ({meta['minutes']:.0f} min on {meta['machine']}; torch "
-        f"{meta['torch']}, onnxruntime {meta['onnxruntime']}). Raw rows: `bench/results/speed.csv`.\n\n"
-        f"One plan for all engines: `edge-trady plan --engine ort` ({MODEL}, {args.image_size} px, "
-        f"batch {args.batch_size}, TraDy, budget {args.budget}, top-K of "
-        f"`bench/results/ranking-{MODEL}-{args.image_size}px.json`, profile `{args.profile}`), "
-        f"exported with `edge-trady export`. Fashion-MNIST, {args.per_class} train images per class "
-        f"(full batches only), the plan's epoch-0 selection, its learning rate. Every engine runs in "
-        f"{args.repeats} fresh process(es) with one thread (`OMP_NUM_THREADS=1`, "
-        f"`torch.set_num_threads(1)`, ORT `intra_op_num_threads=1`): {args.warmup} warm-up + "
-        f"{args.steps} timed steps. **CPU s/step** = median `time.process_time()` per step (median over "
-        f"processes); images/s = batch / that. The machine is shared with other jobs (2 cores, "
-        f"load {meta['load']:.1f}): wall time is shown but is not reliable. Peaks are the maximum over the "
-        f"processes. **process peak** = VmHWM of "
-        f"the whole process (imports, data loading, model/artifact, training); **training-phase peak** "
-        f"= VmHWM after it was reset (`/proc/self/clear_refs`) at the end of the setup, i.e. the "
-        f"highest RSS while training. `torch-full` trains every Conv/Linear weight.\n\n{text}\n\n"
-        f"{MARKER}{tail}"
+    write_text(
+        DOC,
+        f"# Training speed and memory of every engine, side by side\n\n"
+        f"Command: `{meta['command']}` (measured {meta['measured']}, {meta['minutes']:.0f} min on {meta['machine']}; "
+        f"torch {meta['torch']}, "
+        f"onnxruntime-training {meta['onnxruntime_training']}, plain onnxruntime {meta['onnxruntime']} in "
+        f".venv-device). Raw rows: `bench/results/speed.{{csv,json}}`, plot `bench/results/speed.png`.\n\n"
+        f"{MODEL}, real Fashion-MNIST ({args.per_class} images per class, train + val), {args.image_size} px, "
+        f"batch {args.batch_size}, TraDy at budget {args.budget} (same ranking, budget and seed for every engine, "
+        f"so the same selection; `torch-full` trains every weight). **Whole-process peak**: VmHWM of one "
+        f"epoch of the real command in a fresh process (`edge-trady run` for `portable` in .venv-device and "
+        f"`ort`, `edge-trady finetune` for the torch engines), everything included (imports, data loading, "
+        f"training, evaluation, checkpoint, model export); **predicted**: what `edge-trady plan` said for it. "
+        f"**Inference-only peak**: a fresh process of the same runtime loading the same data and the "
+        f"fine-tuned model, predicting every training batch; **training overhead** = peak minus that. "
+        f"**images/s (CPU time)** = batch / median `time.process_time()` of a training step, {args.warmup} warm-up + "
+        f"{args.steps} timed steps in each of {args.repeats} fresh worker processes per engine with one thread: "
+        f"the machine is shared (2 cores, load {meta['load']:.1f}), so CPU time, not wall time, measures the "
+        f"engines. **training-phase peak**: the workers' VmHWM while stepping "
+        f"(reset after set-up).\n\n{text}\n\n{MARKER}{tail}",
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=ENGINES)
+    parser.add_argument("--engines", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--budget", default="2%")
-    parser.add_argument("--per-class", type=int, default=20)
+    parser.add_argument("--per-class", type=int, default=30)
     parser.add_argument("--profile", default="this-workstation")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2, help="fresh processes per engine")
+    parser.add_argument("--repeats", type=int, default=2, help="fresh worker processes per engine")
+    parser.add_argument("--resume", action="store_true", help=f"keep the measurements already in {RAW.name}")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return
+    settings = {k: v for k, v in vars(args).items() if k not in ("worker", "resume")}
+    raw = json.loads(RAW.read_text()) if args.resume and RAW.exists() else {}
+    if raw.get("settings") != settings:
+        if args.resume and raw:
+            raise SystemExit(f"error: {RAW} was measured with {raw.get('settings')}, not {settings}")
+        raw = {"settings": settings, "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "load": os.getloadavg()[0], "seconds": 0.0, "runs": {}, "trained": {}, "inferred": {}}  # fmt: skip
     started = time.monotonic()
-    load = os.getloadavg()[0]
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        artifact = make_artifact(Path(tmp), args)
-        cfg = {"artifact": str(artifact), "per_class": args.per_class, "warmup": args.warmup,
-               "steps": args.steps}  # fmt: skip
-        results: dict[str, list[dict]] = {engine: [] for engine in args.engines}
-        for _ in range(args.repeats):  # interleaved: load changes hit every engine alike
-            for engine in args.engines:
-                result = run_worker({**cfg, "engine": engine})
-                results[engine].append(result)
-                print(
-                    f"{engine:13} CPU {result['cpu_step_s']:.3f} s/step, wall {result['wall_step_s']:.3f} "
-                    f"s/step, peak {result['process_peak'] / MiB:.1f} MiB "
-                    f"(training phase {result['train_peak'] / MiB:.1f} MiB)",
-                    flush=True,
-                )
-        rows = [summarize(engine, results[engine], args.batch_size) for engine in args.engines]
-    import onnxruntime
+        rows, infer = measure(args, Path(tmp), raw)
+    raw["seconds"] += time.monotonic() - started
+    raw["load"] = max(raw["load"], os.getloadavg()[0])
+    _save_raw(raw)
+    checks = targets(rows)
     import torch
 
+    versions = subprocess.run(
+        [str(device_python()), "-c", "import onnxruntime; print(onnxruntime.__version__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     command = (
         f"python bench/speed.py --engines {' '.join(args.engines)} --image-size {args.image_size} "
         f"--batch-size {args.batch_size} --budget {args.budget} --per-class {args.per_class} "
@@ -249,13 +427,15 @@ def main() -> None:
     )
     meta = {
         "command": command,
-        "minutes": (time.monotonic() - started) / 60,
+        "measured": raw["started"],
+        "minutes": raw["seconds"] / 60,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "load": max(load, os.getloadavg()[0]),
+        "load": raw["load"],
         "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
+        "onnxruntime": versions,
+        "onnxruntime_training": importlib.metadata.version("onnxruntime-training-cpu"),
     }
-    write(rows, meta, args)
+    write(rows, infer, checks, meta, args)
 
 
 if __name__ == "__main__":

@@ -21,11 +21,12 @@ Steps (each is timed):
   4. project        pip install --no-deps --target of this checkout (pure Python) into the root
   5. commands       edge-trady --help / --version / profile -o (prints its summary)
   6. run + resume   host (x86_64): plan + export a portable artifact (EfficientNet-Lite0, real
-                    Fashion-MNIST subset); arm64: edge-trady run, SIGKILLed mid-run, then
-                    --resume to the end; checks: loss decreases, units_used <= budget every
-                    epoch, final weights equal an x86_64 run of the same artifact and seed
-                    (plain onnxruntime in a host venv) within ARM_TOLERANCE. Skipped while the
-                    portable engine is missing (an error with --strict).
+                    Fashion-MNIST subset, 2 epochs); arm64: edge-trady run, SIGKILLed in epoch 2
+                    after its first mid-epoch checkpoint, then --resume to the end; checks: loss
+                    decreases, units_used <= budget every epoch, final weights equal an x86_64
+                    run of the same artifact and seed (plain onnxruntime in a host venv) within
+                    ARM_TOLERANCE. Skipped if the checkout has no portable engine (an error
+                    with --strict). About 25 min on 2 busy x86_64 cores (qemu: ~1 min a step).
 
 Options:
   --prepare-only     steps 1-3 only (build/verify the cache)
@@ -58,11 +59,11 @@ DATA_SRC=${EDGE_TRADY_FMNIST:-/usr/share/datasets/fashion-mnist}
 RUN_MODEL=${RUN_MODEL:-efficientnet-lite0}
 RUN_IMAGE_SIZE=${RUN_IMAGE_SIZE:-32}
 RUN_PER_CLASS=${RUN_PER_CLASS:-20}
-RUN_EPOCHS=${RUN_EPOCHS:-3}
+RUN_EPOCHS=${RUN_EPOCHS:-2}
 RUN_LR=${RUN_LR:-0.02}
 RUN_BUDGET=${RUN_BUDGET:-2%}
 RUN_CHECKPOINT_EVERY=${RUN_CHECKPOINT_EVERY:-2}   # steps: the kill lands between checkpoints
-RUN_KILL_AFTER=${RUN_KILL_AFTER:-5}               # seconds into epoch 2
+RUN_KILL_AFTER=${RUN_KILL_AFTER:-5}               # seconds after epoch 2's first checkpoint
 # Final weights, arm64 vs x86_64: the same graph, data, order and channel draws, but ONNX
 # Runtime's kernels differ by architecture (NEON vs AVX, summation order), so they agree to
 # float32 rounding accumulated over the run's SGD steps, not bit for bit.
@@ -102,8 +103,10 @@ et_need "$QEMU" debootstrap dpkg-deb
 # qemu maps guest paths into $ROOT only when they exist there, so a new output file given as a
 # guest path would be created on the host instead.
 # QEMU_LD_PREFIX: the same root for child processes (started through binfmt_misc, see below).
+# ARM_EXEC=exec (in a subshell): exec qemu in place of the shell, so that $! of a background
+# `(ARM_EXEC=exec; edge_trady ...) &` is qemu itself and a kill reaches the runner.
 arm_python() {
-    env -i PATH=/usr/bin:/bin HOME="$WORK" LANG=C.UTF-8 PYTHONNOUSERSITE=1 QEMU_LD_PREFIX="$ROOT" \
+    ${ARM_EXEC:-} env -i PATH=/usr/bin:/bin HOME="$WORK" LANG=C.UTF-8 PYTHONNOUSERSITE=1 QEMU_LD_PREFIX="$ROOT" \
         PYTHONDONTWRITEBYTECODE=1 PYTHONPATH="$APP:$SITE" OMP_NUM_THREADS="$(nproc)" \
         "$QEMU" -L "$ROOT" "$ROOT/usr/bin/python$PY" "$@"
 }
@@ -280,21 +283,24 @@ print(f"{diff:.3g} {moved:.3g} {len(a)}")
 PY
 }
 
-# arm64 run killed mid-run: SIGKILL once the first epoch is logged, then --resume to the end
+# arm64 run killed mid-run: SIGKILL in epoch 2, once a mid-epoch checkpoint exists (LATEST names
+# a step > 0 of the second epoch) plus RUN_KILL_AFTER seconds, then --resume to the end
 arm_run_with_kill() {
     local out=$1 pid i
     shift
     rm -rf "$out"
-    edge_trady run "$@" --out "$out" --checkpoint-every "$RUN_CHECKPOINT_EVERY" >"$out.log" 2>&1 &
+    (ARM_EXEC=exec; edge_trady run "$@" --out "$out" --checkpoint-every "$RUN_CHECKPOINT_EVERY") >"$out.log" 2>&1 &
     pid=$!
-    for i in $(seq 1 3600); do
-        [ "$(cat "$out/metrics.jsonl" 2>/dev/null | wc -l)" -ge 1 ] && break
+    for i in $(seq 1 7200); do
+        [ "$(cat "$out/metrics.jsonl" 2>/dev/null | wc -l)" -ge 1 ] &&
+            grep -q '^epoch0001-step0*[1-9]' "$out/checkpoints/LATEST" 2>/dev/null && break
         kill -0 "$pid" 2>/dev/null || { tail -n 20 "$out.log" >&2; et_die "arm64 run ended before the kill"; }
         sleep 1
     done
-    sleep "$RUN_KILL_AFTER"  # into epoch 2: at least one mid-epoch checkpoint
+    sleep "$RUN_KILL_AFTER"  # between two checkpoints of epoch 2
     kill -9 "$pid"
     wait "$pid" 2>/dev/null || true
+    [ "$(ps -o comm= -p "$pid" 2>/dev/null)" = "" ] || et_die "the arm64 runner (pid $pid) survived SIGKILL"
     ARM_KILLED_AT="$(wc -l <"$out/metrics.jsonl") epoch(s), checkpoint $(cat "$out/checkpoints/LATEST" 2>/dev/null)"
     et_info "SIGKILL after $ARM_KILLED_AT"
     edge_trady run "$@" --out "$out" --checkpoint-every "$RUN_CHECKPOINT_EVERY" --resume >"$out.resume.log" 2>&1 ||

@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("evaluate", "Report the accuracy of an inference ONNX model on a data set."),
     "report": ("report", "Summarise a run folder and draw it (accuracy, memory, budget, channels per layer)."),
     "health": ("health", "Exit 0 if a run is making progress (its heartbeat is recent), 1 if not."),
+    "fleet": ("fleet", "Fine-tune one model on many devices over Flower (server, node, partition)."),
 }
 
 

@@ -115,3 +115,8 @@ class Stopped(EdgeTradyError):
     """Training stopped by a signal after saving a checkpoint."""
 
     exit_code = EXIT_STOPPED
+
+
+class FleetError(EdgeTradyError):
+    """Fleet fine-tuning cannot go on: a refused or malformed update, too few clients, a run folder
+    that belongs to another artifact."""

@@ -1,6 +1,7 @@
 """The deploy files, without Docker or systemd: the unit's syntax and its hook line as systemd
 runs it, the exit-hook wrapper of the image and compose, the compose hardening, the image's
-build context. (The real builds and runs: deploy/test-docker.sh and deploy/test-arm64.sh.)"""
+build context, the opt-in scripts' --help. (The real builds and runs: deploy/test-docker.sh,
+deploy/test-arm64.sh and deploy/test-512mb.sh.)"""
 
 from __future__ import annotations
 
@@ -150,3 +151,15 @@ def test_image_build_context_has_what_the_dockerfile_copies() -> None:
                 assert (ROOT / source).exists() and any(source.startswith(p.rstrip("/")) for p in patterns), source
     assert 'CMD ["edge-trady", "health"]' in dockerfile and "EDGE_TRADY_RUN=/work/run" in dockerfile
     assert "ARG ENGINE=portable" in dockerfile and 'pins="-c /src/constraints-device.txt"' in dockerfile
+
+
+@pytest.mark.parametrize("script", ["test-docker.sh", "test-arm64.sh", "test-512mb.sh"])
+def test_opt_in_deploy_tests_parse_and_explain_themselves(script: str) -> None:
+    """The opt-in scripts need root, Docker or qemu to run; here: valid bash and a --help that needs none."""
+    path = ROOT / "deploy" / script
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    result = subprocess.run(["bash", str(path), "--help"], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"Usage: deploy/{script}") and "Steps" in result.stdout
+    bad = subprocess.run(["bash", str(path), "--no-such-option"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode != 0 and "unknown option: --no-such-option" in bad.stderr

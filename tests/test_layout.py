@@ -1,4 +1,4 @@
-"""The device side (core/, device/, the onnxruntime engines, device commands) imports without torch
+"""The device side (core/, device/, fleet/, the onnxruntime engines, device commands) imports without torch
 and without the onnx package."""
 
 import subprocess
@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEVICE_PACKAGES = ("edge_trady.core", "edge_trady.device")
+DEVICE_PACKAGES = ("edge_trady.core", "edge_trady.device", "edge_trady.fleet")
 DEVICE_MODULES = (
     "edge_trady.cli",
     "edge_trady.errors",
@@ -20,6 +20,7 @@ DEVICE_MODULES = (
     "edge_trady.commands.evaluate",
     "edge_trady.commands.profile",
     "edge_trady.commands.options",
+    "edge_trady.commands.fleet",
 )
 SCRIPT = f"""
 import importlib, pkgutil, sys

@@ -151,3 +151,47 @@ def test_impossible_budget_is_refused_with_what_would_fit(tmp_path: Path) -> Non
     assert "does not fit tiny-board" in result.stderr and "usable 330.0 MiB" in result.stderr
     assert "What would fit (training the classifier only): --method classifier-only" in result.stderr
     assert not (tmp_path / "p.json").exists()
+
+
+def test_plan_compares_the_other_engines(small_plan) -> None:
+    _, ranking = small_plan
+    zero = load_profile("raspberry-pi-zero-2w")  # aarch64: no onnxruntime-training wheel
+    request = PlanRequest(model="mobilenetv2-w0.35", profile=zero, image_size=32, batch_size=16, engine="portable",
+                          ranking=str(ranking), data="synthetic:4", per_class=8, compare_engines=True)  # fmt: skip
+    plan = make_plan(request, Progress(quiet=True))
+    rows = {row["engine"]: row for row in plan.engines}
+    assert set(rows) == {"torch-sparse", "torch-masked", "ort"}
+    assert rows["ort"]["fits"] == "no" and "no onnxruntime-training wheel exists for aarch64" in rows["ort"]["reason"]
+    for name in ("torch-sparse", "torch-masked"):
+        row = rows[name]
+        assert row["smallest_bytes"] <= row["at_budget_bytes"]
+        assert (row["fits"] == "yes") == (row["at_budget_bytes"] <= plan.usable_memory_bytes)
+        assert (row["reason"] == "") == (row["fits"] == "yes")
+    # the torch runtime alone costs more than the portable engine's whole prediction for the same run
+    assert rows["torch-sparse"]["smallest_bytes"] > plan.estimate.peak_bytes
+    from edge_trady.commands.plan import summary
+
+    text = summary(plan)
+    assert "other engines" in text and "no onnxruntime-training wheel" in text
+
+
+@pytest.mark.slow
+def test_pi_zero_2w_fits_efficientnet_at_128px_only_with_the_portable_engine(tmp_path: Path) -> None:
+    """The 512 MB board (deploy/test-512mb.sh runs it): 128 px, batch 16 fits with the portable engine;
+    the torch engines do not fit even for the classifier alone, ort has no aarch64 wheel."""
+    out = tmp_path / "plan.json"
+    result = subprocess.run([sys.executable, "-m", "edge_trady", "plan", "--model", "efficientnet-lite0",
+                             "--image-size", "128", "--batch-size", "16", "--profile", "raspberry-pi-zero-2w",
+                             "--ranking", str(ROOT / "bench" / "results" / "ranking-efficientnet-lite0-128px.json"),
+                             "--num-classes", "10", "--train-images", "1000", "-o", str(out)],
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    plan = Plan.load(out)
+    assert plan.engine == "portable" and plan.budget > 0
+    assert plan.estimate.peak_bytes <= plan.usable_memory_bytes
+    assert {row["engine"]: row["fits"] for row in plan.engines} == {
+        "torch-sparse": "no",
+        "torch-masked": "no",
+        "ort": "no",
+    }
+    assert "other engines" in result.stdout

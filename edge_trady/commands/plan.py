@@ -56,6 +56,12 @@ from .options import SEED, finite_positive, model_options
 @click.option("--lr", type=float, callback=finite_positive, default=0.125, show_default=True)
 @click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--overflow", type=click.Choice(OVERFLOW_POLICIES), default="skip", show_default=True)
+@click.option(
+    "--fleet",
+    is_flag=True,
+    help="Plan for a fleet node ('edge-trady fleet node'): add Flower's SuperNode, SuperExec and "
+    "ClientApp memory to the prediction.",
+)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default="plan.json", show_default=True)
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a bar chart PNG of memory by part.")
 @click.option("--quiet", is_flag=True)
@@ -78,6 +84,7 @@ def command(
     lr,
     seed,
     overflow,
+    fleet,
     output,
     plot,
     quiet,
@@ -86,8 +93,10 @@ def command(
 
     Ranks the layers (or reads --ranking), keeps the top-K, and checks that the channel budget's
     predicted whole-process peak fits the profile's usable memory: --budget, or by default 2.5% of
-    full fine-tuning (more bought no accuracy), lowered to the largest that fits if needed. Exits with
-    status 2 and says what would fit when even the classifier alone does not fit. Example:
+    full fine-tuning (more bought no accuracy), lowered to the largest that fits if needed. Prints the
+    predicted peaks of the other engines beside it (at this budget and for the classifier alone) and
+    why they do not fit. Exits with status 2 and says what would fit when even the classifier alone
+    does not fit. Example:
 
       edge-trady plan --model efficientnet-lite0 --image-size 64 --profile raspberry-pi-3b
       --data fashion-mnist --per-class 50 -o plan.json --plot plan.png
@@ -111,10 +120,12 @@ def command(
         train_images=train_images,
         seed=seed,
         overflow=overflow,
+        fleet=fleet,
         epochs=epochs,
         lr=lr,
         threshold=threshold,
         trust_model_code=trust_model_code,
+        compare_engines=True,
     )
     plan = make_plan(request, Progress(quiet))
     plan.save(Path(output))
@@ -144,5 +155,20 @@ def summary(plan) -> str:
         "",
         plan.estimate.table(),
     ]
+    if plan.engines:
+        lines += [
+            "",
+            f"other engines (predicted peak at this budget / classifier only; usable "
+            f"{format_bytes(plan.usable_memory_bytes)}):",
+        ]
+        width = max(len(row["engine"]) for row in plan.engines)
+        for row in plan.engines:
+            peaks = " / ".join(
+                "-" if row[k] is None else format_bytes(row[k]) for k in ("at_budget_bytes", "smallest_bytes")
+            )
+            lines.append(
+                f"  {row['engine']:<{width}}  {peaks:>21}  fits: {row['fits']}"
+                + (f" ({row['reason']})" if row["reason"] else "")
+            )
     lines += [f"note: {note}" for note in plan.notes]
     return "\n".join(lines)

@@ -10,14 +10,23 @@ Per engine, the training parts differ:
 - torch-masked: autograd keeps the full input of every trainable layer and everything between
   the earliest trainable layer and the loss (traced), full-size weight gradients.
 - torch-sparse: autograd keeps only the selected channels of trainable layers' inputs plus
-  compact ReLU masks (traced); gradients only for the selected slices.
+  compact ReLU masks (traced); gradients only for the selected slices; glibc keeps the freed
+  blocks of the forward and backward transients, so they count more than once (``CALIBRATION``).
 - ort: ONNX Runtime keeps the training graph's tensors needed for backward (the same set the
   masked engine keeps, traced), gradient accumulators for every trainable weight, the model's
-  weights twice (checkpoint state and session), and its arena's slack.
+  weights several times (checkpoint state, session, optimizer, serialisation), and its arena's slack.
 - portable: plain ONNX Runtime runs the step graph, which keeps the selected channels, 1-bit clamp
   masks and the classifier input (traced as torch-sparse with packed masks), gradients of the
-  selected slices; the weights twice (the session's, and the graph bytes the runner writes the
-  current weights into while it creates a session). A first model, not yet fitted to measurements.
+  selected slices. Its peak is dominated by the weights, held many times over (``CALIBRATION``);
+  ONNX Runtime frees each activation after its last use, so only part of the modelled working sets
+  is resident at once.
+
+The two constants of each engine in ``CALIBRATION`` are fitted on ``bench/memory_check.py``
+(EfficientNet-Lite0, Fashion-MNIST, 64 and 128 px, batch 8 and 32; docs/memory.md), preferring
+slight over-prediction: under-predicting is the dangerous direction.
+
+A fleet node (``plan --fleet``) adds Flower's processes and messages as parts of their own
+(``fleet_parts``): the peak is then that of the node's processes together.
 """
 
 from __future__ import annotations
@@ -90,11 +99,73 @@ class RunShape:
     runtime_baseline_bytes: int  # fresh process with the engine loaded (device profile)
 
 
-# Calibration constants, fitted by bench/memory_check.py (see docs/memory.md).
-WEIGHT_LOAD_FACTOR = 2.0  # PyTorch: a model's weights while they are loaded (file buffer + parameters)
+@dataclass(frozen=True)
+class Calibration:
+    """An engine's two fitted constants (measured with bench/memory_check.py, docs/memory.md).
+
+    ``weight_copies``: how many times the model's weight bytes are resident at the training peak
+    (the "frozen weights" part). ``working_set_share``: the factor on the modelled working sets
+    (batch buffers, forward working set, backward transient) that fits the measured growth with the
+    batch size and the image size: < 1 where the runtime frees activations right after their last
+    use and they never coexist, > 1 where freed heap stays resident.
+    """
+
+    weight_copies: float
+    working_set_share: float
+
+
+CALIBRATION = {
+    # PyTorch reads the weights file whole while it fills the parameters: 2 copies. The working sets
+    # as modelled; fits the rows within +-10 % (64 px batch 8 lowest, -6 %).
+    "torch-masked": Calibration(weight_copies=2.0, working_set_share=1.0),
+    # As torch-masked, but glibc keeps the freed activation blocks of forward and backward (the peak
+    # varies by ~40 MiB between identical runs with the heap layout): fitted 2.4x the working sets on
+    # the batch-32 and 128 px rows (64 px batch 8 peaks while loading the data).
+    "torch-sparse": Calibration(weight_copies=2.0, working_set_share=2.4),
+    # The session's initializers, the checkpoint state's copy, the optimizer's view and the module's
+    # evaluation copy: 2.7 copies fitted on the batch-8 rows (the batch-32 rows are dominated by the
+    # traced activations, which stay as they were fitted).
+    "ort": Calibration(weight_copies=2.7, working_set_share=1.0),
+    # The runner's numpy weights, the graph bytes read and patched while a session is created, each
+    # ONNX Runtime session's model, initializers and optimized (NCHWc / prepacked) weights, the step
+    # and the inference session created in turn (freed memory is not returned at once) and the final
+    # export: measured 99.6 MiB over the runtime baseline at batch 1-8 with 13.05 MiB of weights
+    # (7.6 copies, bench-free probe: engine + predict + steps + predict, no data), 9 copies with the
+    # epoch's evaluation and export in the real runner (bench/memory_check.py, batch 8). ONNX Runtime
+    # frees activations after their last use: 0.3x the modelled working sets fits the growth from
+    # batch 8 to 32 and from 64 to 128 px.
+    "portable": Calibration(weight_copies=9.0, working_set_share=0.3),
+}
 ORT_CHECKPOINT_COPIES = 2  # ORT: writing a checkpoint / exporting the model serialises the weights
 ORT_SAVED_FACTOR = 1.2  # ORT keeps ~20 % more per sample than PyTorch autograd (fitted: ORT rows)
-PORTABLE_WEIGHT_COPIES = 2  # portable: the session's weights + the graph bytes while a session starts (not fitted)
+
+
+# A fleet node (Flower 1.42, `edge-trady fleet node`), measured by bench/fleet_memory.py on x86_64
+# (bench/results/fleet-memory.csv: EfficientNet-Lite0 48 px, 8 MiB of trainable tensors): the
+# SuperNode (162 MiB) and its SuperExec (127 MiB) are resident all the time; the round's ClientApp
+# process adds Flower's runtime (63 MiB, importing flwr-clientapp over numpy) and the global tensors
+# it receives, held ~3 times over (message bytes, decoded arrays, the engine's copy): fitted on the
+# ClientApp's VmHWM minus the same round trained without Flower (+79 MiB ort, +86 MiB torch-sparse).
+FLEET_DAEMONS_BYTES = 290 * 2**20
+FLEET_CLIENTAPP_RUNTIME_BYTES = 63 * 2**20
+FLEET_STATE_COPIES = 3
+
+
+def fleet_parts(trainable_bytes: int) -> list[MemoryPart]:
+    """What a fleet node needs besides the training itself (``trainable_bytes``: the tensors the
+    server sends each round, the candidate layers' weights and the classifier)."""
+    return [
+        MemoryPart("fleet: SuperNode + SuperExec", FLEET_DAEMONS_BYTES, "always", "Flower's node processes"),
+        MemoryPart(
+            "fleet: Flower in the ClientApp", FLEET_CLIENTAPP_RUNTIME_BYTES, "always", "flwr runtime of the round"
+        ),
+        MemoryPart(
+            "fleet: global tensors received",
+            FLEET_STATE_COPIES * trainable_bytes,
+            "train",
+            "message bytes + decoded arrays",
+        ),
+    ]
 
 
 def estimate_memory(engine: str, shape: RunShape) -> MemoryEstimate:
@@ -102,8 +173,10 @@ def estimate_memory(engine: str, shape: RunShape) -> MemoryEstimate:
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     b = shape.batch_size
+    fit = CALIBRATION[engine]
     saved = shape.saved_bytes_per_sample * b + shape.saved_bytes_fixed
-    weights = shape.weight_bytes * {"ort": 1, "portable": PORTABLE_WEIGHT_COPIES}.get(engine, WEIGHT_LOAD_FACTOR)
+    weights = shape.weight_bytes * fit.weight_copies
+    share = fit.working_set_share  # on the three working-set parts below
     saving = shape.weight_bytes * ORT_CHECKPOINT_COPIES if engine == "ort" else 0
     if engine == "ort":
         saved = int(saved * ORT_SAVED_FACTOR)
@@ -122,13 +195,20 @@ def estimate_memory(engine: str, shape: RunShape) -> MemoryEstimate:
                 "always",
                 f"fresh process with the {engine} engine loaded (device profile)",
             ),
-            MemoryPart("frozen weights", int(weights), "train", "parameters and buffers (loaded after the data)"),
+            MemoryPart(
+                "frozen weights",
+                int(weights),
+                "train",
+                f"parameters and buffers x {fit.weight_copies:g} (loaded after the data; calibrated)",
+            ),
             MemoryPart(DATA_SET_PART, shape.dataset_bytes, "always", "decoded uint8 images (train + val)"),
             MemoryPart("data loading", shape.data_load_bytes, "load", "source files while decoding"),
-            MemoryPart("batch buffers", 2 * b * shape.input_bytes_per_sample, "train", "float32 input batch"),
+            MemoryPart(
+                "batch buffers", int(share * 2 * b * shape.input_bytes_per_sample), "train", "float32 input batch"
+            ),
             MemoryPart(
                 "forward working set",
-                b * shape.forward_peak_per_sample,
+                int(share * b * shape.forward_peak_per_sample),
                 "train",
                 "largest layer input + output",
             ),
@@ -136,7 +216,7 @@ def estimate_memory(engine: str, shape: RunShape) -> MemoryEstimate:
             MemoryPart("gradient buffers", shape.gradient_bytes, "train", "weight gradients"),
             MemoryPart(
                 "backward transient",
-                2 * b * shape.largest_activation_per_sample,
+                int(share * 2 * b * shape.largest_activation_per_sample),
                 "train",
                 "activation gradients of the widest layer",
             ),

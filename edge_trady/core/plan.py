@@ -97,6 +97,7 @@ class Plan:
     data: dict  # spec, per_class, train images: what the memory model assumed
     class_names: list[str] | None = None
     notes: list[str] = field(default_factory=list)
+    engines: list[dict] = field(default_factory=list)  # the other engines' predicted peaks (planner)
     version: int = PLAN_VERSION
 
     @property

@@ -134,6 +134,24 @@ class OrtEngine:
         """A copy of the current value of parameter ``name`` (trained or frozen)."""
         return self._state.get_parameter(name).data.numpy().copy()
 
+    def trainable_state(self) -> dict[str, np.ndarray]:
+        """Copies of the trainable parameters (masked layers' weights, the classifier)."""
+        return {name: self.parameter(name) for name in self.layout.trainable_params}
+
+    def load_trainable_state(self, state: dict[str, np.ndarray]) -> None:
+        """Overwrite the trainable parameters with ``state`` (as ``trainable_state`` returns it)."""
+        names = self.layout.trainable_params
+        if set(state) != set(names):
+            missing, unknown = sorted(set(names) - set(state)), sorted(set(state) - set(names))
+            raise ArtifactError(f"trainable state: missing {missing[:3]}, unknown {unknown[:3]}")
+        device = C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
+        for name in names:
+            value = np.ascontiguousarray(state[name], dtype=np.float32)
+            current = self._state.get_parameter(name).data.numpy()
+            if value.shape != current.shape:
+                raise ArtifactError(f"{name}: shape {value.shape}, the artifact has {current.shape}")
+            self._state.copy_parameter_from(name, C.OrtValue.ortvalue_from_numpy(value, device))
+
     def save_state(self, directory: Path) -> None:
         C.save_checkpoint(self._state, str(directory / STATE_FILE), False)
 

@@ -364,6 +364,32 @@ class TorchSparseEngine:
         with torch.no_grad():
             return self.net(torch.from_numpy(x)).numpy()
 
+    def trainable_state(self) -> dict[str, np.ndarray]:
+        """Copies of the tensors that can train: the weight of every layer the engine was given,
+        the classifier's weight and bias; named as in the model's ``state_dict``."""
+        return {name: tensor.detach().numpy().copy() for name, tensor in self._trainable_tensors().items()}
+
+    def load_trainable_state(self, state: dict[str, np.ndarray]) -> None:
+        """Overwrite the trainable tensors with ``state`` (as ``trainable_state`` returns it)."""
+        tensors = self._trainable_tensors()
+        if set(state) != set(tensors):
+            missing, unknown = sorted(set(tensors) - set(state)), sorted(set(state) - set(tensors))
+            raise EdgeTradyError(f"trainable state: missing {missing[:3]}, unknown {unknown[:3]}")
+        for name, tensor in tensors.items():
+            value = np.asarray(state[name])
+            if value.shape != tuple(tensor.shape) or value.dtype != np.float32:
+                expected = f"{tuple(tensor.shape)} float32"
+                raise EdgeTradyError(f"{name}: {value.shape} {value.dtype}, the model has {expected}")
+            with torch.no_grad():
+                tensor.copy_(torch.from_numpy(value))
+
+    def _trainable_tensors(self) -> dict[str, Tensor]:
+        tensors = {f"{name}.weight": self.trainable[name].layer.weight for name in self.layers}
+        bias = self.trainable[self.classifier].layer.bias
+        if bias is not None:
+            tensors[f"{self.classifier}.bias"] = bias
+        return tensors
+
     def save_state(self, directory: Path) -> None:
         torch.save(self.model.state_dict(), directory / WEIGHTS_FILE)
 

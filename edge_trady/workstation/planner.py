@@ -14,7 +14,7 @@ import numpy as np
 
 from ..core.budget import cap_budget, format_bytes, parse_budget
 from ..core.layers import LayerCost, full_units
-from ..core.memory import MemoryEstimate, RunShape, estimate_memory
+from ..core.memory import MemoryEstimate, RunShape, estimate_memory, fleet_parts
 from ..core.plan import Plan
 from ..core.selection import Selection, candidate_names, method_spec
 from ..device.data import Dataset, load_dataset, load_transient_bytes
@@ -55,6 +55,8 @@ class PlanRequest:
     k_rule: str = "threshold"  # or "budget" (MeDyate: budget <= 20 % of the top-K memory)
     rank_epochs: int = 1
     trust_model_code: bool = False  # allow a model factory (Python code) as ``model``
+    fleet: bool = False  # a fleet node: add Flower's processes and messages (core.memory.fleet_parts)
+    compare_engines: bool = False  # also predict the other engines' peaks (Plan.engines)
 
 
 @dataclass
@@ -92,6 +94,9 @@ def make_plan(req: PlanRequest, progress: Progress) -> Plan:
             progress.line(f"note: {note}")
     else:
         amount, unit, estimate, notes = _default_budget(req, setup, full, baseline, usable)
+    engines = (
+        _compare_engines(req, setup, usable, _budget_bytes(setup, req, amount, unit)) if req.compare_engines else []
+    )
     return Plan(
         model=req.model,
         num_classes=setup.built.num_classes,
@@ -121,6 +126,7 @@ def make_plan(req: PlanRequest, progress: Progress) -> Plan:
         data={"spec": req.data, "per_class": req.per_class, "dataset_bytes": setup.dataset_bytes},
         class_names=setup.class_names,
         notes=notes,
+        engines=engines,
     )
 
 
@@ -259,7 +265,10 @@ def _estimate(
         data_load_bytes=setup.load_bytes,
         runtime_baseline_bytes=baseline,
     )
-    return estimate_memory(engine, shape)
+    estimate = estimate_memory(engine, shape)
+    if req.fleet:
+        estimate.parts += fleet_parts(sum(4 * layer.weight_count for layer in setup.candidates) + head_bytes)
+    return estimate
 
 
 def _default_budget(
@@ -348,3 +357,44 @@ def _suggestions(req: PlanRequest, setup: _Setup, usable: int) -> list[str]:
             found.append(f"--image-size {size}")
             break
     return found
+
+
+# Engines that cannot run on an architecture at all, whatever the memory (no wheel to install).
+UNAVAILABLE = {("ort", "aarch64"): "no onnxruntime-training wheel exists for aarch64"}
+
+
+def _compare_engines(req: PlanRequest, setup: _Setup, usable: int, budget_bytes: float) -> list[dict]:
+    """The other engines' predicted peaks for this plan: at its budget and for the smallest plan
+    (the classifier only), whether they fit, and why not."""
+    rows = []
+    for engine in ("portable", "torch-sparse", "torch-masked", "ort"):
+        if engine == req.engine:
+            continue
+        key = "ort" if engine in ("ort", "portable") else "torch"
+        baseline = req.profile.runtime_baseline_bytes.get(key)
+        row: dict = {"engine": engine, "at_budget_bytes": None, "smallest_bytes": None}
+        if baseline is None:
+            row.update(fits="unknown", reason=f"the profile has no {key} runtime baseline")
+            rows.append(row)
+            continue
+        sparse = engine in SPARSE_ENGINES
+        full = _footprint(setup, engine, setup.candidates, req.image_size)
+        head = full if sparse else _footprint(setup, engine, [], req.image_size)
+        at_budget = _estimate(req, setup, full, baseline, budget_bytes, engine).peak_bytes
+        smallest = _estimate(req, setup, head, baseline, 0, engine).peak_bytes
+        fits = "yes" if at_budget <= usable else "classifier only" if smallest <= usable else "no"
+        reasons = []
+        if fits != "yes":
+            why = "keeps the full input of every candidate layer" if not sparse else "at this budget"
+            reasons.append(f"{why}: {format_bytes(at_budget)} > usable {format_bytes(usable)}")
+        if fits == "no":
+            reasons.append(f"even the classifier alone needs {format_bytes(smallest)}")
+        if key == "torch" and fits != "yes":
+            reasons.append(f"the torch runtime alone takes {format_bytes(baseline)}")
+        blocked = UNAVAILABLE.get((engine, req.profile.arch))
+        if blocked:
+            fits = "no"
+            reasons.insert(0, blocked)
+        row.update(at_budget_bytes=at_budget, smallest_bytes=smallest, fits=fits, reason="; ".join(reasons))
+        rows.append(row)
+    return rows
