@@ -49,7 +49,7 @@ def artifact(small_artifact) -> Path:
 
 @pytest.fixture(scope="module")
 def finished(root: Path, artifact: Path) -> Path:
-    out = root / "run"
+    out = root / artifact.parent.name / "run"  # one per artifact format
     code, _, err = edge_trady("run", artifact, *RUN, "--out", out)
     assert code == 0, err
     return out
