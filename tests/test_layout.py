@@ -16,6 +16,7 @@ DEVICE_MODULES = (
     "edge_trady.engines.ort_training",
     "edge_trady.engines.portable",
     "edge_trady.engines.portable_format",
+    "edge_trady.engines.layout_file",
     "edge_trady.commands.run",
     "edge_trady.commands.evaluate",
     "edge_trady.commands.profile",

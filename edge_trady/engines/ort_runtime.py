@@ -7,8 +7,6 @@ weight), ``eval_model.onnx`` (image in, logits out), ``optimizer_model.onnx`` (p
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,6 +16,7 @@ from ..core import fields as f
 from ..core.atomic import write_json
 from ..core.layers import LayerCost
 from ..errors import ArtifactError
+from .layout_file import build_layout, read_layout_json
 
 FORMAT_VERSION = 1
 LAYOUT_FILE = "layout.json"
@@ -89,21 +88,7 @@ class ArtifactLayout:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = LAYOUT_FILE) -> ArtifactLayout:
-        version = data.get("version") if isinstance(data, dict) else None
-        if version != FORMAT_VERSION:
-            raise ArtifactError(
-                f"{where}: artifact format version {version!r}, this tool reads version "
-                f"{FORMAT_VERSION}: export the artifact again"
-            )
-        names = {field.name for field in dataclasses.fields(cls)}
-        if not set(data) <= names:
-            raise ArtifactError(f"{where}: unknown fields {sorted(set(data) - names)}")
-        f.check_fields(data, _RULES, where, ArtifactError)
-        try:
-            fields = {k: v for k, v in data.items() if k != "layers"}
-            layout = cls(**fields, layers=[LayerCost.from_dict(d) for d in data["layers"]])
-        except (KeyError, TypeError) as exc:
-            raise ArtifactError(f"{where}: incomplete or malformed artifact layout ({exc})") from exc
+        layout = build_layout(cls, data, where, _RULES, FORMAT_VERSION, "artifact format")
         masked = [layer.name for layer in layout.layers]
         if sorted(masked) != sorted(layout.masks.values()) or not set(masked) | {layout.classifier} <= set(
             layout.params
@@ -116,14 +101,7 @@ class ArtifactLayout:
 
     @classmethod
     def load(cls, directory: Path) -> ArtifactLayout:
-        path = directory / LAYOUT_FILE
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ArtifactError(f"{path}: not found (is {directory} a training artifact?)") from None
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise ArtifactError(f"{path}: corrupt ({exc})") from exc
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(*read_layout_json(directory, LAYOUT_FILE, "training artifact"))
 
     def check_files(self, directory: Path) -> None:
         """Raise ArtifactError if a file the layout names is missing from ``directory``."""

@@ -14,8 +14,6 @@ An artifact directory of format ``onnx`` holds
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from ..core import fields as f
 from ..core.atomic import write_json
 from ..core.layers import LayerCost
 from ..errors import ArtifactError
+from .layout_file import build_layout, read_layout_json
 
 FORMAT_VERSION = 1
 LAYOUT_FILE = "portable.json"
@@ -78,21 +77,7 @@ class PortableLayout:
 
     @classmethod
     def from_dict(cls, data: dict, where: str = LAYOUT_FILE) -> PortableLayout:
-        found = data.get("version") if isinstance(data, dict) else None
-        if found != FORMAT_VERSION:
-            raise ArtifactError(
-                f"{where}: portable layout version {found!r}, this edge-trady reads version {FORMAT_VERSION}: "
-                "export the artifact again with this version"
-            )
-        names = {field.name for field in dataclasses.fields(cls)}
-        if not set(data) <= names:
-            raise ArtifactError(f"{where}: unknown fields {sorted(set(data) - names)}")
-        f.check_fields(data, _RULES, where, ArtifactError)
-        try:
-            fields = {k: v for k, v in data.items() if k != "layers"}
-            layout = cls(**fields, layers=[LayerCost.from_dict(d) for d in data["layers"]])
-        except (KeyError, TypeError) as exc:
-            raise ArtifactError(f"{where}: incomplete or malformed ({exc})") from exc
+        layout = build_layout(cls, data, where, _RULES, FORMAT_VERSION, "portable layout")
         trainable = set(layout.weights)
         if not (
             set(layout.channel_inputs) == {layer.name for layer in layout.layers}
@@ -108,11 +93,4 @@ class PortableLayout:
 
     @classmethod
     def load(cls, directory: Path) -> PortableLayout:
-        path = Path(directory) / LAYOUT_FILE
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ArtifactError(f"{path}: not found (is {directory} a portable artifact?)") from None
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise ArtifactError(f"{path}: unreadable ({exc})") from exc
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(*read_layout_json(directory, LAYOUT_FILE, "portable artifact"))
