@@ -7,13 +7,13 @@ broken into parts, for one device profile. ``edge-trady finetune --plan`` and ``
 
 from __future__ import annotations
 
-import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import PlanError
 from . import fields as f
 from .atomic import write_json
+from .json_file import read_json
 from .layers import BYTES_PER_UNIT, LayerCost
 from .memory import PHASES, MemoryEstimate
 from .selection import METHODS, OVERFLOW_POLICIES
@@ -147,12 +147,7 @@ class Plan:
 
     @classmethod
     def load(cls, path: Path) -> Plan:
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise PlanError(f"{path}: plan file not found") from None
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise PlanError(f"{path}: not valid JSON or unreadable ({exc})") from exc
+        data = read_json(path, PlanError, "plan file not found", "not valid JSON or unreadable")
         if not isinstance(data, dict) or data.get("version") != PLAN_VERSION:
             found = data.get("version") if isinstance(data, dict) else None
             raise PlanError(f"{path}: plan format version {found!r}, this tool reads version {PLAN_VERSION}")

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.atomic import fsync_path, staging_sibling, temporary_owner, write_text
+from ..core.json_file import read_json
 from ..engines.base import Engine
 from ..errors import CheckpointError, out_of_memory
 from .manifest import sha256_file
@@ -183,12 +184,7 @@ def _check_latest(root: Path, newest: Path, progress: Progress) -> None:
 
 def _read_record(folder: Path) -> dict:
     path = folder / STATE_FILE
-    try:
-        record = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CorruptCheckpoint(f"{path}: missing") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CorruptCheckpoint(f"{path}: unreadable ({_first_line(exc)})") from exc
+    record = read_json(path, CorruptCheckpoint, "missing")
     if not isinstance(record, dict) or record.get("version") != STATE_VERSION:
         found = record.get("version") if isinstance(record, dict) else None
         raise CorruptCheckpoint(f"{path}: checkpoint format {found!r}, this edge-trady reads {STATE_VERSION}")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..core import fields as f
 from ..core.atomic import write_json
+from ..core.json_file import read_json
 from ..core.plan import PLAN_VERSION, Plan, check_plan
 from ..errors import ArtifactError
 
@@ -134,12 +135,8 @@ class Manifest:
         if not directory.is_dir():
             raise ArtifactError(f"{directory}: no such artifact directory")
         path = directory / MANIFEST_FILE
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ArtifactError(f"{path}: not found (export the artifact with 'edge-trady export')") from None
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise ArtifactError(f"{path}: unreadable, truncated or edited ({exc})") from exc
+        missing = "not found (export the artifact with 'edge-trady export')"
+        data = read_json(path, ArtifactError, missing, "unreadable, truncated or edited")
         manifest = cls.from_dict(data, str(path))
         for name, digest in manifest.files.items():
             file = directory / name
@@ -203,12 +200,7 @@ class ModelInfo:
     @classmethod
     def load(cls, model_path: Path) -> ModelInfo:
         path = cls.sidecar(model_path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ArtifactError(f"{path}: not found ('edge-trady run' writes it next to the model)") from None
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise ArtifactError(f"{path}: unreadable ({exc})") from exc
+        data = read_json(path, ArtifactError, "not found ('edge-trady run' writes it next to the model)")
         _require(data, cls, str(path))
         f.check_fields(data, MODEL_INFO_RULES, str(path), ArtifactError)
         return cls(**data)

@@ -4,11 +4,11 @@ reading the JSON and building the dataclass with its version and fields checked.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ..core import fields as f
+from ..core.json_file import read_json
 from ..core.layers import LayerCost
 from ..errors import ArtifactError
 
@@ -18,12 +18,7 @@ T = TypeVar("T")
 def read_layout_json(directory: Path, name: str, kind: str) -> tuple[Any, str]:
     """The parsed ``directory/name`` and its path as text; ArtifactError if missing or unreadable."""
     path = Path(directory) / name
-    try:
-        return json.loads(path.read_text()), str(path)
-    except FileNotFoundError:
-        raise ArtifactError(f"{path}: not found (is {directory} a {kind}?)") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ArtifactError(f"{path}: unreadable ({exc})") from exc
+    return read_json(path, ArtifactError, f"not found (is {directory} a {kind}?)"), str(path)
 
 
 def build_layout(cls: type[T], data: Any, where: str, rules: dict[str, f.Rule], version: int, what: str) -> T:
