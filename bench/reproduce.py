@@ -285,7 +285,8 @@ def run_job(job: Job) -> dict:
         **METHODS[job.method],
     )
     cpu = time.process_time()
-    result = run_finetune(spec, job.run_dir, Progress(quiet=False), resume=True)
+    run = job.run_dir / "run"  # the finetune folder: the driver's log and pid file stay beside it
+    result = run_finetune(spec, run, Progress(quiet=False), resume=True)
     last = result.epochs[-1]
     row = {
         **asdict(job),
@@ -307,8 +308,7 @@ def run_job(job: Job) -> dict:
     }
     job.result_path.parent.mkdir(parents=True, exist_ok=True)
     write_json(job.result_path, row, indent=1)
-    for heavy in ("checkpoints", "model.pt", PID_FILE):  # keep the logs, not the weights
-        target = job.run_dir / heavy
+    for target in (run / "checkpoints", run / "model.pt", job.run_dir / PID_FILE):  # keep logs, not weights
         shutil.rmtree(target, ignore_errors=True) if target.is_dir() else target.unlink(missing_ok=True)
     return row
 
