@@ -163,20 +163,22 @@ def chosen_lr(setting: Setting, method: str, budget: str) -> tuple[float | None,
 
 def pending(settings: list[Setting]) -> Iterator[Job]:
     """Runs still missing in priority order: per setting, the final methods at the main budget
-    (their sweeps, then their final runs), then every other method and budget the same way."""
+    (the final runs of those whose lr is chosen, then the sweeps still needed), then every other
+    method and budget the same way."""
     for setting in settings:
         main = [(m, "-" if m in REFERENCES else MAIN_BUDGET) for m in setting.methods]
         first = [c for c in main if setting.final is None or c[0] in setting.final]
         extra = [(m, b) for m in setting.methods for b in setting.budgets.get(m, ())]
         last = [(m, "-" if m in REFERENCES else MAIN_BUDGET) for m in setting.last]
         for group in (first, [c for c in main if c not in first], extra, last):
-            finals: list[Job] = []
+            sweeps: list[Job] = []
             for method, budget in group:
                 lr, sweep = chosen_lr(setting, method, budget)
-                yield from sweep
+                sweeps += sweep
                 if lr is not None:
-                    finals += [Job(setting.name, "final", method, budget, lr, seed) for seed in SEEDS]
-            yield from (job for job in finals if read_result(job) is None)
+                    finals = [Job(setting.name, "final", method, budget, lr, seed) for seed in SEEDS]
+                    yield from (job for job in finals if read_result(job) is None)
+            yield from sweeps
 
 
 def drive(settings: list[Setting], jobs: int) -> None:
