@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .budget import format_bytes
+from .layers import LayerCost
 
 ENGINES = ("torch-masked", "torch-sparse", "ort", "portable")
 DATA_SET_PART = "data set"  # the part the runner re-checks with the data's real size
@@ -97,6 +98,7 @@ class RunShape:
     dataset_bytes: int  # decoded uint8 images kept for training and validation
     data_load_bytes: int  # transient while decoding the source files
     runtime_baseline_bytes: int  # fresh process with the engine loaded (device profile)
+    patch_bytes: int = 0  # portable: the largest weight-gradient patches the budget allows in one layer
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,17 @@ def fleet_parts(trainable_bytes: int) -> list[MemoryPart]:
     ]
 
 
+def worst_patch_bytes(layers: list[LayerCost], batch_size: int, budget_bytes: float) -> int:
+    """The largest patches working set of the portable step: the most channels of one layer that
+    ``budget_bytes`` buys, times that layer's patch bytes per channel (ONNX Runtime frees each
+    layer's patches after its weight gradient, so only one layer's count)."""
+    worst = 0
+    for layer in layers:
+        channels = min(layer.in_channels, int(budget_bytes // layer.bytes_per_channel(batch_size)))
+        worst = max(worst, channels * layer.patch_bytes_per_channel(batch_size))
+    return worst
+
+
 def estimate_memory(engine: str, shape: RunShape) -> MemoryEstimate:
     """The parts of the predicted peak of ``engine`` for a run of ``shape``."""
     if engine not in ENGINES:
@@ -219,6 +232,11 @@ def estimate_memory(engine: str, shape: RunShape) -> MemoryEstimate:
                 int(share * 2 * b * shape.largest_activation_per_sample),
                 "train",
                 "activation gradients of the widest layer",
+            ),
+            *(
+                [MemoryPart("weight-gradient patches", shape.patch_bytes, "train", "kh*kw shifted copies, one layer")]
+                if engine == "portable"
+                else []
             ),
             MemoryPart("optimizer state", 0, "train", "plain SGD keeps none"),
             MemoryPart(

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..core.budget import cap_budget, format_bytes, parse_budget
 from ..core.layers import LayerCost, full_units
-from ..core.memory import MemoryEstimate, RunShape, estimate_memory, fleet_parts
+from ..core.memory import MemoryEstimate, RunShape, estimate_memory, fleet_parts, worst_patch_bytes
 from ..core.plan import Plan
 from ..core.selection import Selection, candidate_names, method_spec
 from ..device.data import Dataset, load_dataset, load_transient_bytes
@@ -264,6 +264,7 @@ def _estimate(
         dataset_bytes=setup.dataset_bytes,
         data_load_bytes=setup.load_bytes,
         runtime_baseline_bytes=baseline,
+        patch_bytes=worst_patch_bytes(setup.candidates, req.batch_size, budget_bytes) if engine == "portable" else 0,
     )
     estimate = estimate_memory(engine, shape)
     if req.fleet:
