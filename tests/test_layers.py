@@ -4,7 +4,7 @@ from torch import nn
 
 from edge_trady.core.budget import Budget, format_bytes, parse_budget
 from edge_trady.core.layers import LayerCost, full_units
-from edge_trady.core.memory import worst_patch_bytes
+from edge_trady.core.memory import selection_patch_bytes
 from edge_trady.errors import EdgeTradyError
 from edge_trady.workstation.cost_trace import trace_layers
 from edge_trady.workstation.models import build_model
@@ -131,8 +131,8 @@ def test_patch_bytes_count_the_shifted_copies_the_portable_weight_gradient_works
     assert LayerCost("pw", "conv", 8, 8, (1, 1), 1, (8, 8), (8, 8)).patch_bytes_per_channel(4) == 0
     assert LayerCost("pw2", "conv", 8, 8, (1, 1), 1, (8, 8), (4, 4)).patch_bytes_per_channel(1) == 16 * 4 * 2
     assert LayerCost("fc", "linear", 8, 2, (1, 1), 1, (1, 1), (1, 1)).patch_bytes_per_channel(4) == 0
-    # the budget caps the channels of one layer; only the worst layer counts
-    budget = 3 * depthwise.bytes_per_channel(4)
-    assert worst_patch_bytes([dense, depthwise], 4, budget) == 3 * depthwise.patch_bytes_per_channel(4)
-    assert worst_patch_bytes([dense, depthwise], 4, 1e12) == 8 * depthwise.patch_bytes_per_channel(4)
-    assert worst_patch_bytes([dense], 4, 0) == 0
+    # a selection drawn over every candidate: its share of all their patches
+    patches = 8 * (depthwise.patch_bytes_per_channel(4) + dense.patch_bytes_per_channel(4))
+    assert selection_patch_bytes([dense, depthwise], 4, 0.25) == patches // 4
+    assert selection_patch_bytes([dense, depthwise], 4, 1.0) == patches
+    assert selection_patch_bytes([dense, depthwise], 4, 0.0) == 0
