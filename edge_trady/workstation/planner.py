@@ -353,9 +353,10 @@ def _refuse(req: PlanRequest, setup: _Setup, estimate: MemoryEstimate, usable: i
     suggestions = _suggestions(req, setup, usable)
     hint = ", ".join(suggestions) if suggestions else "nothing (no smaller batch or image size fits either)"
     raise PlanError(
-        f"{what} does not fit {req.profile.name}: predicted peak {format_bytes(estimate.peak_bytes)} > "
-        f"usable {format_bytes(usable)} (engine {req.engine}, batch {req.batch_size}, "
-        f"{req.image_size} px).\n{estimate.table()}\nWhat would fit (training the classifier only): {hint}"
+        f"{what} does not fit {req.profile.name}: predicted peak {format_bytes(estimate.peak_bytes)} > usable "
+        f"{format_bytes(usable)} (engine {req.engine}, batch {req.batch_size}, {req.image_size} px); what "
+        f"would fit (training the classifier only): {hint}",
+        details=estimate.table(),  # printed before the error line
     )
 
 
