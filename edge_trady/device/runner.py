@@ -139,6 +139,8 @@ def check_data(data: Dataset, num_classes: int, class_names: list[str] | None, i
         raise DataError(f"{data.source}: {data.num_classes} classes, the model has {num_classes}{names}")
     pair = [data.class_names, class_names]
     if all(names and not _numbered(names) for names in pair) and pair[0] != pair[1]:
+        if len(pair[0]) != len(pair[1]):
+            raise DataError(f"{data.source}: {len(pair[0])} class names, the model's manifest lists {len(pair[1])}")
         theirs, ours = next((a, b) for a, b in zip(*pair, strict=True) if a != b)
         raise DataError(f"{data.source}: class {theirs!r} where the model has {ours!r}")
     expected = (image_size, image_size, 3)
