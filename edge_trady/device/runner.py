@@ -17,6 +17,7 @@ from ..core.plan import Plan
 from ..core.selection import CandidateLayer, ChannelSampler, candidate_names, method_spec
 from ..errors import ArtifactError, DataError, MemoryGuardError, PlanError
 from .data import Dataset, Normalization, load_dataset, validation_source
+from .heap import pin_mmap_threshold
 from .loop import TrainConfig, fell_below, train
 from .manifest import MANIFEST_FILE, Manifest, ModelInfo, sha256_file
 from .memwatch import current_rss_bytes, peak_rss_bytes
@@ -203,6 +204,7 @@ def load_data(manifest: Manifest, request: RunRequest) -> tuple[Dataset, Dataset
 def open_engine(manifest: Manifest, artifact: Path):
     """The engine of the artifact's format (it loads onnxruntime: only when a run really starts),
     checked against the plan the manifest carries."""
+    pin_mmap_threshold()  # the engines free and re-create sessions and tensors of a few MiB
     if manifest.format == "onnx":
         from ..engines.portable import PortableEngine
 
