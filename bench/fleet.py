@@ -55,7 +55,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     # The same lr for the fleet and the centralized run. At 1 local epoch the paper's 0.125 (and 0.05)
     # diverge here in round 1 (4 steps per client per round, client losses 5-10, the averaged model
-    # collapses to uniform predictions); 0.01 is the project's ranking lr.
+    # collapses to uniform predictions); at 4 local epochs they leave the fleet 6-7 points below
+    # centralized, 0.01 (the project's ranking lr) 2.2 (docs/fleet.md, "Benchmark").
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label skew")
     parser.add_argument("--val-per-class", type=int, default=100)
