@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +20,17 @@ MODEL = "efficientnet-lite0"
 def cli(*args: str, python: str | Path = sys.executable) -> None:
     """Run ``edge-trady ARGS`` in a fresh process of ``python``; fail loudly if it fails."""
     subprocess.run([str(python), "-m", "edge_trady", *args], check=True)
+
+
+def kill_after_first_epoch(proc: subprocess.Popen, run: Path, what: str) -> None:
+    """SIGKILL ``proc`` as soon as the end-of-epoch-1 checkpoint of its run folder ``run`` exists."""
+    latest = run / "checkpoints" / "LATEST"
+    while proc.poll() is None and not (latest.is_file() and latest.read_text().startswith("epoch0001-step000000")):
+        time.sleep(0.02)
+    if proc.poll() is not None:
+        raise SystemExit(f"{what}: the run ended before it could be killed after epoch 1")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def ensure_ranking(
@@ -87,7 +101,9 @@ SETUPS = {
 }
 
 
-def make_plan(name: str, image_size: int, batch: int, budget: str, per_class: int, profile: str, path: Path) -> dict:
+def make_plan(
+    name: str, image_size: int, batch: int, budget: str, per_class: int, profile: str, path: Path, epochs: int = 1
+) -> dict:
     """``edge-trady plan`` for engine ``name`` (its method, its profile) written to ``path``; its memory."""
     setup = SETUPS[name]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,14 +111,23 @@ def make_plan(name: str, image_size: int, batch: int, budget: str, per_class: in
         "--method", setup.method, "--profile", str(device_profile(profile)) if setup.device else profile,
         "--batch-size", str(batch), "--budget", "100%" if setup.method.startswith("full") else budget,
         "--ranking", str(ensure_ranking(image_size)), "--data", "fashion-mnist", "--per-class", str(per_class),
-        "--epochs", "1", "--quiet", "-o", str(path))  # fmt: skip
+        "--epochs", str(epochs), "--quiet", "-o", str(path))  # fmt: skip
     return json.loads(path.read_text())["memory"]
 
 
 def train_fresh(
-    name: str, image_size: int, batch: int, budget: str, per_class: int, profile: str, directory: Path
+    name: str,
+    image_size: int,
+    batch: int,
+    budget: str,
+    per_class: int,
+    profile: str,
+    directory: Path,
+    resumed: bool = False,
 ) -> dict:
-    """Plan, export (artifact engines) and train one epoch of engine ``name`` in a fresh process.
+    """Plan, export (artifact engines) and train one epoch of engine ``name`` in a fresh process;
+    ``resumed``: two epochs, the process SIGKILLed once the end-of-epoch-1 checkpoint exists and the
+    run continued with ``--resume`` in a fresh process (the peak is that process's).
 
     Returns the plan's predicted memory (``predicted``), the process's real peak (``measured_bytes``:
     VmHWM over the epoch records and the summary, i.e. training, checkpoints and the final model
@@ -110,20 +135,26 @@ def train_fresh(
     """
     setup = SETUPS[name]
     plan = directory / "plan.json"
-    predicted = make_plan(name, image_size, batch, budget, per_class, profile, plan)
+    predicted = make_plan(name, image_size, batch, budget, per_class, profile, plan, epochs=2 if resumed else 1)
     run = directory / "run"
     artifact = None
-    data = ["--per-class", str(per_class), "--out", str(run), "--quiet"]
+    python: str | Path = sys.executable
     if setup.runner == "run":
         artifact = directory / "artifact"
         cli("export", str(plan), "-o", str(artifact), "--quiet")
         python = device_python() if setup.device else sys.executable
-        cli("run", str(artifact), "--train", "fashion-mnist", "--force", *data, python=python)
+        job = ["run", str(artifact), "--train", "fashion-mnist", "--force"]
     else:
-        cli("finetune", "--plan", str(plan), "--data", "fashion-mnist", *data)
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        job = ["finetune", "--plan", str(plan), "--data", "fashion-mnist"]
+    job += ["--per-class", str(per_class), "--out", str(run), "--quiet"]
+    if resumed:
+        proc = subprocess.Popen([str(python), "-m", "edge_trady", *job])
+        kill_after_first_epoch(proc, run, name)
+        job.append("--resume")
+    cli(*job, python=python)
     summary = json.loads((run / "summary.json").read_text())
-    measured = max([r["peak_rss_bytes"] for r in records] + [summary["peak_rss_bytes"]])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    measured = max([r["peak_rss_bytes"] for r in records if not resumed] + [summary["peak_rss_bytes"]])
     return {"predicted": predicted, "measured_bytes": measured, "plan": plan, "artifact": artifact, "run": run}
 
 

@@ -17,25 +17,42 @@ from fleet_harness import Fleet  # noqa: E402
 ROLES = {"flower-supernode": "supernode", "flower-superexec": "superexec", "flwr-clientapp": "clientapp"}
 
 
-def make_plan(work: Path, image_size: int, budget: str, batch_size: int, lr: float, engine: str, per_class: int = 20):
-    """``work/plan-ENGINE.json``: a fleet node's plan (EfficientNet-Lite0, trady, ``plan --fleet``)."""
+def make_plan(
+    work: Path,
+    image_size: int,
+    budget: str,
+    batch_size: int,
+    lr: float,
+    engine: str,
+    per_class: int = 20,
+    seed: int = 0,
+) -> Path:
+    """``work/plan-ENGINE.json``: a fleet node's plan (EfficientNet-Lite0, trady, ``plan --fleet``);
+    ``seed``: the plan's (classifier initialisation, channel draws, batch order)."""
     work.mkdir(parents=True, exist_ok=True)
     plan = work / f"plan-{engine}.json"
     if not plan.is_file():
         cli("plan", "--model", "efficientnet-lite0", "--image-size", str(image_size), "--profile",
             "this-workstation", "--engine", engine, "--budget", budget, "--batch-size", str(batch_size), "--lr",
             str(lr), "--data", "fashion-mnist", "--per-class", str(per_class), "--ranking",
-            str(ensure_ranking(image_size)), "--fleet", "-o", str(plan), "--quiet")  # fmt: skip
+            str(ensure_ranking(image_size)), "--seed", str(seed), "--fleet", "-o", str(plan), "--quiet")  # fmt: skip
     return plan
 
 
 def make_artifact(
-    work: Path, image_size: int, budget: str, batch_size: int, lr: float, per_class: int = 20, engine: str = "portable"
+    work: Path,
+    image_size: int,
+    budget: str,
+    batch_size: int,
+    lr: float,
+    per_class: int = 20,
+    engine: str = "portable",
+    seed: int = 0,
 ) -> Path:
     """``work/artifact-ENGINE``: the artifact of ``make_plan`` (format onnx for portable, ort-training for ort)."""
     artifact = work / f"artifact-{engine}"
     if not artifact.is_dir():
-        plan = make_plan(work, image_size, budget, batch_size, lr, engine, per_class)
+        plan = make_plan(work, image_size, budget, batch_size, lr, engine, per_class, seed)
         cli("export", str(plan), "-o", str(artifact), "--quiet")
     return artifact
 

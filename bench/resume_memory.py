@@ -19,14 +19,12 @@ import argparse
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from benchlib import RESULTS, ROOT, ensure_ranking
+from benchlib import RESULTS, ROOT, ensure_ranking, kill_after_first_epoch
 
 MiB = 2**20
 CSV = RESULTS / "resume_memory.csv"
@@ -80,13 +78,7 @@ def measure(engine: str, ranking: Path, args: argparse.Namespace) -> list[dict]:
         cli(*job, "--out", str(work / "fresh"))
         killed = work / "resumed"
         proc = cli(*job, "--out", str(killed), wait=False)
-        latest = killed / "checkpoints" / "LATEST"
-        while proc.poll() is None and not (latest.is_file() and latest.read_text().startswith("epoch0001-step000000")):
-            time.sleep(0.02)
-        if proc.poll() is not None:
-            raise SystemExit(f"{engine}: the run ended before it could be killed after epoch 1")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_after_first_epoch(proc, killed, engine)
         cli(*job, "--out", str(killed), "--resume")
         predicted = json.loads((work / "plan.json").read_text())["memory"]["peak_bytes"]
         rows = []

@@ -15,8 +15,9 @@ trains one epoch with the real command in a fresh process:
 evaluation, checkpoint, final model export). **Inference-only peak** = VmHWM of a fresh process of
 the same runtime that loads the same data the same way, then the fine-tuned model (plain
 onnxruntime / onnxruntime-training's onnxruntime with torch blocked, as the runner; torch in
-``eval()`` under ``no_grad``) and predicts every training batch. **Training overhead** = whole-process
-peak minus its runtime's inference-only peak.
+``eval()`` under ``no_grad``) and predicts every training batch; the ONNX Runtime workers pin glibc's
+mmap threshold as the runner does (``device/heap.py``). **Training overhead** = whole-process peak
+minus its runtime's inference-only peak.
 
 Speed: a worker process per engine (one thread: ``OMP_NUM_THREADS=1``, ``torch.set_num_threads(1)``,
 ORT ``intra_op_num_threads=1``) runs the engine on the same batches with the plan's epoch-0
@@ -46,6 +47,8 @@ import time
 from pathlib import Path
 
 from benchlib import MODEL, RESULTS, ROOT, SETUPS, device_python, make_plan, reset_peak_rss, train_fresh
+
+from edge_trady.device.heap import pin_mmap_threshold
 
 DOC = ROOT / "docs" / "speed.md"
 MiB = 2**20
@@ -98,6 +101,8 @@ def worker(cfg: dict) -> dict:
 
 def _trainer(name: str, cfg: dict, plan, sampler):
     """``step(x, y)``: one training step of engine ``name`` with the plan's epoch-0 selection."""
+    if name in ("portable", "ort"):
+        pin_mmap_threshold()  # as the runner's open_engine
     if name == "portable":
         from edge_trady.engines.portable import PortableEngine
 
@@ -147,6 +152,7 @@ def _predictor(name: str, cfg: dict):
     from edge_trady.engines.ort_runtime import ort_bindings
 
     ort_bindings()  # as the runners: onnxruntime without letting it import torch
+    pin_mmap_threshold()  # as the runners: the same heap behaviour, so the overhead is training's alone
     import onnxruntime
 
     options = onnxruntime.SessionOptions()

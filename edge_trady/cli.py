@@ -98,6 +98,8 @@ def main(args: list[str] | None = None) -> None:
             text = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
             click.echo(f"error: internal error ({text}); {DEBUG_ENV}=1 shows the traceback", err=True)
             sys.exit(EXIT_INTERNAL)
+        if getattr(error, "details", ""):
+            click.echo(error.details, err=True)
         click.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)
 

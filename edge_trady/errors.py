@@ -36,9 +36,14 @@ EXIT_STATUSES: dict[int, str] = {
 
 
 class EdgeTradyError(Exception):
-    """An error caused by the user's input or environment, with a message that says what to fix."""
+    """An error caused by the user's input or environment, with a message that says what to fix.
+    ``details`` (e.g. a table of figures) is printed before the one ``error: ...`` line."""
 
     exit_code = EXIT_INPUT
+
+    def __init__(self, message: str = "", details: str = "") -> None:
+        super().__init__(message)
+        self.details = details
 
 
 class DataError(EdgeTradyError):

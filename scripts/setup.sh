@@ -3,9 +3,10 @@
 #  - Debian package dataset-fashion-mnist (the real data used by the demo and tests)
 #  - Debian package systemd, for `systemd-analyze verify` of deploy/edge-trady-run.service (tests)
 #  - the package with its workstation and dev extras, pinned by constraints.txt (CPU torch)
-#  - .venv-device/: a torch-free device environment, edge-trady[device] with plain onnxruntime
-#    1.32.0, where the tests run the portable artifact (plain onnxruntime and onnxruntime-training
-#    both install the onnxruntime module: never in one environment)
+#  - .venv-device/: a torch-free device environment, edge-trady[device,fleet] with plain onnxruntime
+#    1.32.0 and Flower 1.42, pinned by constraints-device.txt (protobuf 6.33.6: flwr needs < 7,
+#    onnxruntime 1.32 >= 4.25.8), where the tests run the portable artifact and a fleet node (plain
+#    onnxruntime and onnxruntime-training both install the onnxruntime module: never in one environment)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,11 +33,12 @@ if ! python3 -c "import edge_trady, torch, onnxruntime, efficientnet_lite_pytorc
 fi
 
 DEVICE_VENV=.venv-device
-DEVICE_CHECK="import importlib.util, onnxruntime, edge_trady, numpy, psutil, click, PIL, tqdm
-assert onnxruntime.__version__ == '1.32.0' and importlib.util.find_spec('torch') is None"
+DEVICE_CHECK="import importlib.util, onnxruntime, edge_trady, numpy, psutil, click, PIL, tqdm, flwr
+assert onnxruntime.__version__ == '1.32.0' and flwr.__version__.startswith('1.42.')
+assert importlib.util.find_spec('torch') is None"
 if ! "$DEVICE_VENV/bin/python" -c "$DEVICE_CHECK" 2>/dev/null; then
-  echo "[setup] creating $DEVICE_VENV: edge-trady[device] with plain onnxruntime 1.32.0, no torch" >&2
+  echo "[setup] creating $DEVICE_VENV: edge-trady[device,fleet] with plain onnxruntime 1.32.0 and flwr 1.42, no torch" >&2
   python3 -m venv --clear "$DEVICE_VENV"
-  "$DEVICE_VENV/bin/python" -m pip install -q --disable-pip-version-check "onnxruntime==1.32.0" -e ".[device]" \
-    --config-settings editable_mode=compat
+  "$DEVICE_VENV/bin/python" -m pip install -q --disable-pip-version-check -c constraints-device.txt \
+    "onnxruntime==1.32.0" -e ".[device,fleet]" --config-settings editable_mode=compat
 fi

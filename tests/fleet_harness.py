@@ -18,13 +18,6 @@ import psutil
 
 from edge_trady.fleet.launch import stop
 
-TORCH_BLOCKER = """
-import os
-with open(os.environ["EDGE_TRADY_TEST_TORCH_IMPORTS"], "a") as log:
-    log.write("torch imported\\n")
-raise ImportError("torch is not installed on this (simulated) device")
-"""
-
 
 def free_port() -> int:
     with socket.socket() as probe:
@@ -51,18 +44,13 @@ class Fleet:
             "FLWR_TELEMETRY_ENABLED": "0",
             "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
         }
-        (root / "blocked" / "torch").mkdir(parents=True, exist_ok=True)
-        (root / "blocked" / "torch" / "__init__.py").write_text(TORCH_BLOCKER)
-        self.torch_imports = root / "torch-imports.log"
+        root.mkdir(parents=True, exist_ok=True)
 
-    def start(self, label: str, *args: str, block_torch: bool = False) -> subprocess.Popen:
-        env = dict(self.env)
-        if block_torch:
-            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.root / "blocked"), env.get("PYTHONPATH")]))
-            env["EDGE_TRADY_TEST_TORCH_IMPORTS"] = str(self.torch_imports)
+    def start(self, label: str, *args: str, python: Path | None = None) -> subprocess.Popen:
+        """``edge-trady fleet ARGS`` with ``python`` (default: this one; e.g. the device venv's)."""
         log = open(self.root / f"{label}.log", "ab")  # noqa: SIM115 (kept open by the child)
-        command = [sys.executable, "-m", "edge_trady", "fleet", *args]
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        command = [str(python or sys.executable), "-m", "edge_trady", "fleet", *args]
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         log.close()
         self.processes[label] = process
         return process
@@ -72,7 +60,7 @@ class Fleet:
             label, "server", str(artifact), "--out", str(out), "--insecure", "--port", str(self.port), *args
         )
 
-    def node(self, label: str, artifact: Path, data: Path, *args: str, block_torch: bool = False, insecure=True):
+    def node(self, label: str, artifact: Path, data: Path, *args: str, python: Path | None = None, insecure=True):
         return self.start(
             label,
             "node",
@@ -89,7 +77,7 @@ class Fleet:
             "--runtime-port",
             str(free_port()),
             *args,
-            block_torch=block_torch,
+            python=python,
         )
 
     def node_log(self, label: str) -> list[dict]:

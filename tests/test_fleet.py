@@ -4,7 +4,8 @@ fleet server``) and SuperNodes (``edge-trady fleet node``) on disjoint Fashion-M
 ImageNet-pretrained EfficientNet-Lite0 at 32 px, 10 classes, trady at 2 %, lr 0.01 (a randomly
 initialised MobileNet is chaotic at any useful learning rate: fp32 rounding differences between engines
 grow 2x per step and accuracy barely moves). A round is ~10 s, most of it Flower's polling and the
-ClientApp process start.
+ClientApp process start. The default suite runs a small fleet (2 good nodes of 100 images, 2 rounds);
+``-m slow`` also the full one (3 good nodes of 200 images, 3 rounds) and the fault tests.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,17 +44,22 @@ def _invoke(*args: str) -> str:
 
 def _export(root: Path, name: str, engine: str = "portable") -> Path:
     """A trady plan at 2 % over the last 20 layers (a written ranking: no ranking epoch), exported in
-    the format of ``engine`` (portable: onnx, the default; ort: ort-training)."""
+    the format of ``engine`` (portable: onnx, the default; ort: ort-training). The plan is made with
+    the planner itself: ``edge-trady plan`` also predicts every other engine's peak (16 s here)."""
+    from edge_trady.device.profile import load_profile
+    from edge_trady.device.progress import Progress
+    from edge_trady.workstation.planner import PlanRequest, make_plan
+
     built = build_model(MODEL, 10, SIZE)
     names = [layer.name for layer in trace_layers(built.module, SIZE) if layer.name != built.classifier]
     scores = dict.fromkeys(names[-20:], 1.0)
     build_ranking(MODEL, SIZE, scores, scores, threshold=1.0).save(root / "ranking.json")
-    plan = root / f"{name}.json"
-    _invoke(
-        "plan", "--model", MODEL, "--image-size", str(SIZE), "--profile", "this-workstation", "--engine", engine,
-        "--budget", "2%", "--data", "fashion-mnist", "--per-class", "20", "--batch-size", "16", "--lr", "0.01",
-        "--ranking", str(root / "ranking.json"), "-o", str(plan), "--quiet",
+    request = PlanRequest(
+        model=MODEL, profile=load_profile("this-workstation"), image_size=SIZE, batch_size=16, engine=engine,
+        budget="2%", ranking=str(root / "ranking.json"), data="fashion-mnist", per_class=20, lr=0.01,
     )  # fmt: skip
+    plan = root / f"{name}.json"
+    make_plan(request, Progress(quiet=True)).save(plan)
     _invoke("export", str(plan), "-o", str(root / name), "--quiet")
     return root / name
 
@@ -80,38 +87,78 @@ def artifact(root: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
+def other_artifact(root: Path, artifact: Path) -> Path:
+    return _other_artifact(root, artifact)
+
+
+@pytest.fixture(scope="module")
 def parts(root: Path) -> list[Path]:
+    """Three nodes' partitions, 20 images per class each (the full fleet and the fault tests)."""
     return [p.path for p in write_partitions("fashion-mnist", 3, root / "parts", SIZE, per_class=60)]
 
 
 @pytest.fixture(scope="module")
-def fleet_run(root: Path, artifact: Path, parts: list[Path]):
-    """2 rounds, 3 good nodes (one on torch-sparse, two on the portable engine, which ``auto`` picks for
-    the portable artifact, one of them with torch blocked) and one node whose artifact is another export
-    (refused)."""
-    other = _other_artifact(root, artifact)
-    fleet = Fleet(root / "run")
-    out = root / "run" / "out"
+def small_parts(root: Path) -> list[Path]:
+    """Two nodes' partitions, 10 images per class each (the default-suite fleet and round tests)."""
+    return [p.path for p in write_partitions("fashion-mnist", 2, root / "small-parts", SIZE, per_class=20)]
+
+
+REPO = Path(__file__).resolve().parents[1]
+DEVICE_VENV = REPO / ".venv-device" / "bin" / "python"
+
+
+def device_python() -> Path:
+    """The device venv's Python (scripts/setup.sh: plain onnxruntime 1.32, Flower, no torch)."""
+    if not (DEVICE_VENV.parent / "flower-supernode").exists():
+        pytest.skip(f"no device venv with Flower at {DEVICE_VENV.parent.parent}: run scripts/setup.sh")
+    return DEVICE_VENV
+
+
+@dataclass(frozen=True)
+class FleetRun:
+    fleet: Fleet
+    out: Path
+    engines: dict[str, str]  # good node -> the engine it trains with
+    device: str  # the node in the device venv
+    rounds: int
+    val_per_class: int
+
+
+@pytest.fixture(scope="module", params=["small", pytest.param("full", marks=pytest.mark.slow)])
+def fleet_run(request, artifact: Path, other_artifact: Path, parts: list[Path], small_parts: list[Path], root: Path):
+    """Good nodes: dev0 on torch-sparse in this environment, the last one on the portable engine in the
+    device venv (plain onnxruntime 1.32, no torch), and in the full fleet dev1 on the portable engine in
+    this environment (``auto`` picks it for the portable artifact); plus a node whose artifact is another
+    export (refused). small: 2 good nodes of 100 images, 2 rounds; full (slow): 3 of 200, 3 rounds."""
+    small = request.param == "small"
+    data, rounds, val_per_class = (small_parts, 2, 20) if small else (parts, 3, 50)
+    python = device_python()
+    labels = [f"dev{index}" for index in range(len(data))]
+    engines = dict.fromkeys(labels, "portable") | {"dev0": "torch-sparse"}
+    fleet = Fleet(root / f"run-{request.param}")
+    out = fleet.root / "out"
     try:
         fleet.server(
-            artifact, out, "--rounds", "2", "--min-clients", "3", "--val", "fashion-mnist", "--val-per-class", "50",
-            "--round-timeout", "180", "--wait-timeout", "180", "--wait-for", "4",
+            artifact, out, "--rounds", str(rounds), "--min-clients", str(len(labels)), "--val", "fashion-mnist",
+            "--val-per-class", str(val_per_class), "--round-timeout", "180", "--wait-timeout", "180",
+            "--wait-for", str(len(labels) + 1),
         )  # fmt: skip
-        fleet.node("dev0", artifact, parts[0], "--engine", "torch-sparse")
-        fleet.node("dev1", artifact, parts[1])
-        fleet.node("dev2", artifact, parts[2], block_torch=True)
-        fleet.node("stale", other, parts[2])
-        code = fleet.wait_exit("server", timeout=300)
+        fleet.node("dev0", artifact, data[0], "--engine", "torch-sparse")
+        for label, part in zip(labels[1:-1], data[1:-1], strict=True):
+            fleet.node(label, artifact, part)
+        fleet.node(labels[-1], artifact, data[-1], python=python)
+        fleet.node("stale", other_artifact, data[-1])
+        code = fleet.wait_exit("server", timeout=120 + 90 * rounds)
         assert code == 0, fleet.logs()
-        yield fleet, out
+        yield FleetRun(fleet, out, engines, labels[-1], rounds, val_per_class)
     finally:
         fleet.close()
 
 
-def test_fleet_improves_the_model_and_writes_what_evaluate_reads(fleet_run, artifact: Path) -> None:
-    fleet, out = fleet_run
+def test_fleet_improves_the_model_and_writes_what_evaluate_reads(fleet_run: FleetRun, artifact: Path) -> None:
+    out = fleet_run.out
     records = RunFolder(out).records()
-    assert [r["round"] for r in records] == [0, 1, 2]
+    assert [r["round"] for r in records] == list(range(fleet_run.rounds + 1))
     assert records[-1]["val_loss"] < records[0]["val_loss"], records
     assert records[-1]["val_acc"] > records[0]["val_acc"], records
     assert json.loads((out / "status.json").read_text())["state"] == "finished"
@@ -119,36 +166,49 @@ def test_fleet_improves_the_model_and_writes_what_evaluate_reads(fleet_run, arti
     assert info["artifact_sha256"] == Manifest.load(artifact).artifact_sha256
     done = subprocess.run(
         [sys.executable, "-m", "edge_trady", "evaluate", str(out / "model.onnx"), "--data", "fashion-mnist",
-         "--per-class", "50"],
+         "--per-class", str(fleet_run.val_per_class)],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert f"accuracy {records[-1]['val_acc']:.4f}" in done.stdout  # the server's evaluation of the same model
 
 
-def test_refused_node_sat_out_and_the_round_went_on(fleet_run) -> None:
-    fleet, out = fleet_run
-    first, second = RunFolder(out).records()[1:]
-    assert sorted(c["node"] for c in first["clients"]) == ["dev0", "dev1", "dev2"]
+def test_refused_node_sat_out_and_the_round_went_on(fleet_run: FleetRun) -> None:
+    first, *later = RunFolder(fleet_run.out).records()[1:]
+    assert sorted(c["node"] for c in first["clients"]) == sorted(fleet_run.engines)
     assert [r["node"] for r in first["refused"]] == ["stale"]
     assert "the server trains" in first["refused"][0]["reason"]
-    assert second["refused"] == [] and second["nodes"] == 3  # left out after refusing
-    assert "error: this node's artifact" in (fleet.root / "stale.log").read_text()
-    engines = {c["node"]: c["engine"] for c in first["clients"]}
-    assert engines == {"dev0": "torch-sparse", "dev1": "portable", "dev2": "portable"}
-    assert not fleet.torch_imports.exists(), "the torch-free node's ClientApp imported torch"
+    assert all(r["refused"] == [] and r["nodes"] == len(fleet_run.engines) for r in later)  # left out after refusing
+    assert "error: this node's artifact" in (fleet_run.fleet.root / "stale.log").read_text()
+    assert {c["node"]: c["engine"] for c in first["clients"]} == fleet_run.engines
 
 
-def test_untouched_entries_stay_bit_identical_between_rounds(fleet_run, artifact: Path) -> None:
-    fleet, out = fleet_run
+def test_the_device_venv_node_trained_on_plain_onnxruntime_without_torch(fleet_run: FleetRun) -> None:
+    """The device venv's ClientApp (started by its SuperNode, found on the venv's PATH) trained every
+    round with the portable engine on plain onnxruntime 1.32 and never imported torch; the nodes of
+    this environment ran onnxruntime-training / torch."""
+    device = fleet_run.device
+    for record in RunFolder(fleet_run.out).records()[1:]:
+        clients = {c["node"]: c for c in record["clients"]}
+        assert (clients[device]["onnxruntime"], clients[device]["torch_loaded"]) == ("plain 1.32.0", False)
+        assert clients["dev0"]["torch_loaded"] is True
+        assert all(clients[n]["onnxruntime"] == "training 1.19.2" for n in clients if n not in ("dev0", device))
+    logged = fleet_run.fleet.node_log(device)
+    assert [r["round"] for r in logged] == list(range(1, fleet_run.rounds + 1))
+    for entry in logged:
+        assert Path(entry["runtime"]["python"]).parent.resolve() == DEVICE_VENV.parent.resolve()
+        assert entry["engine"] == "portable" and entry["runtime"]["torch_loaded"] is False
+
+
+def test_untouched_entries_stay_bit_identical_between_rounds(fleet_run: FleetRun, artifact: Path) -> None:
     manifest = Manifest.load(artifact)
     layers = weight_layers(manifest.plan.layer_costs)
-    folder = RunFolder(out)
+    folder = RunFolder(fleet_run.out)
     changed = []
-    for number in (1, 2):
+    for number in range(1, fleet_run.rounds + 1):
         before, after = (dict(np.load(folder.state_path(n))) for n in (number - 1, number))
         touched = {name: np.zeros(layer.weight_shape, bool) for name, layer in layers.items()}
-        for label in ("dev0", "dev1", "dev2"):
-            (entry,) = [r for r in fleet.node_log(label) if r["round"] == number]
+        for label in fleet_run.engines:
+            (entry,) = [r for r in fleet_run.fleet.node_log(label) if r["round"] == number]
             for layer_name, channels in entry["selection"]["channels"].items():
                 name = f"{layer_name}.weight"
                 touched[name] |= entry_mask(layers[name], np.asarray(channels))
@@ -157,19 +217,19 @@ def test_untouched_entries_stay_bit_identical_between_rounds(fleet_run, artifact
             changed.append(before[name][mask] != after[name][mask])
         head = [name for name in before if name not in layers]
         assert head and all(not np.array_equal(before[n], after[n]) for n in head)  # classifier: FedAvg
-    assert np.concatenate(changed).mean() > 0.5  # SGD moved most selected entries
+    assert np.concatenate(changed).mean() > 0.25  # SGD moved many selected entries (the rest: zero gradient)
 
 
-def test_uplink_carried_only_the_selected_slices(fleet_run, artifact: Path) -> None:
-    fleet, out = fleet_run
+def test_uplink_carried_only_the_selected_slices(fleet_run: FleetRun, artifact: Path) -> None:
     manifest = Manifest.load(artifact)
     layers = weight_layers(manifest.plan.layer_costs)
-    initial = dict(np.load(RunFolder(out).state_path(0)))
+    folder = RunFolder(fleet_run.out)
+    initial = dict(np.load(folder.state_path(0)))
     trainable_bytes = sum(a.nbytes for a in initial.values())
     head_bytes = sum(a.nbytes for n, a in initial.items() if n not in layers)
-    for record in RunFolder(out).records()[1:]:
+    for record in folder.records()[1:]:
         for client in record["clients"]:
-            (entry,) = [r for r in fleet.node_log(client["node"]) if r["round"] == record["round"]]
+            (entry,) = [r for r in fleet_run.fleet.node_log(client["node"]) if r["round"] == record["round"]]
             chosen = {f"{k}.weight": np.asarray(v) for k, v in entry["selection"]["channels"].items() if v}
             assert client["updated_channels"] == {name: len(c) for name, c in chosen.items()}
             expected = {name: ChannelSlice(layers[name], c).size for name, c in chosen.items()}
@@ -216,16 +276,6 @@ def _assert_same_training(state: dict, reference, other, layers: dict) -> None:
     assert np.linalg.norm(apart) < 1e-4 * np.linalg.norm(moved)  # fp32 rounding only
 
 
-def test_torch_sparse_and_portable_nodes_send_the_same_update(artifact: Path, parts: list[Path], tmp_path) -> None:
-    """Both engines start from the artifact's tensors and train the same selection on the same batches."""
-    state, updates = _round_updates(artifact, parts[0], tmp_path, ["torch-sparse", "portable"])
-    built = build_model(MODEL, 10, SIZE)
-    assert all(np.array_equal(built.module.state_dict()[n].numpy(), a) for n, a in state.items())
-    layers = weight_layers(Manifest.load(artifact).plan.layer_costs)
-    _assert_same_training(state, updates["portable"], updates["torch-sparse"], layers)
-
-
-DEVICE_VENV = Path(__file__).resolve().parents[1] / ".venv-device" / "bin" / "python"
 DEVICE_ROUND = """
 import importlib.util, json, sys
 import numpy as np
@@ -239,31 +289,38 @@ task = RoundTask(1, 2, 1, Manifest.load(artifact).artifact_sha256)
 update, report, engine = train_round(NodeSettings("dev0", artifact, str(data), out / "node"), task, state)
 np.savez(out / "update.npz", **{n + "@c": p.channels for n, p in update.slices.items()},
          **{n + "@v": p.values for n, p in update.slices.items()}, **update.dense)
-print(json.dumps({"engine": engine, "torch": "torch" in sys.modules, "flwr": "flwr" in sys.modules,
+print(json.dumps({"engine": engine, "torch": "torch" in sys.modules,
                   "torch_installed": importlib.util.find_spec("torch") is not None}))
 """
 
 
-def test_a_torch_free_device_trains_a_round_on_plain_onnxruntime(artifact: Path, parts: list[Path], tmp_path) -> None:
-    """The client's round in the device venv (plain onnxruntime 1.32, no torch, no Flower installed):
-    ``auto`` picks the portable engine and the update matches torch-sparse's on the workstation."""
-    if not DEVICE_VENV.exists():
-        pytest.skip(f"no device venv at {DEVICE_VENV.parent.parent}: run scripts/setup.sh")
+def _device_round(artifact: Path, data: Path, state: dict, out: Path):
+    """The client's round in the device venv (plain onnxruntime 1.32, no torch installed): ``auto``
+    picks the portable engine."""
     from edge_trady.fleet.aggregate import ClientUpdate, SliceUpdate
 
-    state, updates = _round_updates(artifact, parts[0], tmp_path, ["torch-sparse"])
-    np.savez(tmp_path / "state.npz", **state)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    command = [str(DEVICE_VENV), "-c", DEVICE_ROUND, str(artifact), str(parts[0]), str(tmp_path)]
+    np.savez(out / "state.npz", **state)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [str(device_python()), "-c", DEVICE_ROUND, str(artifact), str(data), str(out)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     facts = json.loads(done.stdout.splitlines()[-1])
-    assert facts == {"engine": "portable", "torch": False, "flwr": False, "torch_installed": False}
-    with np.load(tmp_path / "update.npz") as saved:
+    assert facts == {"engine": "portable", "torch": False, "torch_installed": False}
+    with np.load(out / "update.npz") as saved:
         arrays = dict(saved)
     names = {k[:-2] for k in arrays if k.endswith("@c")}
-    device = ClientUpdate(1, {n: SliceUpdate(arrays.pop(n + "@c"), arrays.pop(n + "@v")) for n in names}, arrays)
+    return ClientUpdate(1, {n: SliceUpdate(arrays.pop(n + "@c"), arrays.pop(n + "@v")) for n in names}, arrays)
+
+
+def test_every_engine_sends_the_same_update(artifact: Path, small_parts: list[Path], tmp_path) -> None:
+    """torch-sparse and portable (here and in the torch-free device venv) start from the artifact's
+    tensors and train the same selection on the same batches: their updates agree to fp32 rounding."""
+    state, updates = _round_updates(artifact, small_parts[0], tmp_path, ["torch-sparse", "portable"])
+    built = build_model(MODEL, 10, SIZE)
+    assert all(np.array_equal(built.module.state_dict()[n].numpy(), a) for n, a in state.items())
     layers = weight_layers(Manifest.load(artifact).plan.layer_costs)
+    _assert_same_training(state, updates["portable"], updates["torch-sparse"], layers)
+    device = _device_round(artifact, small_parts[0], state, tmp_path)
     _assert_same_training(state, device, updates["torch-sparse"], layers)
 
 

@@ -4,6 +4,8 @@ the app folder through Flower's own validator, the server's run folder, security
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +128,15 @@ def test_flower_command_lines_never_install_at_run_time() -> None:
     assert node[node.index("--root-certificates") + 1] == "ca.crt"
     assert node[node.index("--auth-supernode-private-key") + 1] == "k.pem"
     assert launch.flower_env()["FLWR_TELEMETRY_ENABLED"] == "0"
+
+
+def test_flower_processes_started_by_name_are_this_pythons(monkeypatch) -> None:
+    """A SuperNode starts flower-superexec and flwr-clientapp by name: this environment's scripts
+    come first on PATH, before another Python's (one with torch, say)."""
+    monkeypatch.setenv("PATH", "/opt/other-python/bin:/usr/bin")
+    monkeypatch.setattr(sys, "executable", "/srv/device-venv/bin/python")
+    path = launch.flower_env()["PATH"].split(os.pathsep)
+    assert path == ["/srv/device-venv/bin", "/opt/other-python/bin", "/usr/bin"]
 
 
 def _run(rounds: int = 3) -> FleetRun:

@@ -4,6 +4,7 @@ from torch import nn
 
 from edge_trady.core.budget import Budget, format_bytes, parse_budget
 from edge_trady.core.layers import LayerCost, full_units
+from edge_trady.core.memory import selection_patch_bytes
 from edge_trady.errors import EdgeTradyError
 from edge_trady.workstation.cost_trace import trace_layers
 from edge_trady.workstation.models import build_model
@@ -118,3 +119,20 @@ def test_model_factory_from_a_file_gets_a_new_head(tmp_path) -> None:
     assert built.module(torch.zeros(2, 3, 16, 16)).shape == (2, 5)
     kinds = [layer.kind for layer in trace_layers(built.module, 16)]
     assert kinds == ["conv", "dwconv", "linear"]
+
+
+def test_patch_bytes_count_the_shifted_copies_the_portable_weight_gradient_works_on() -> None:
+    """kh*kw shifted copies of a selected channel at the output's size, plus their product with
+    the output gradient (one per output of the channel's group); nothing without patches."""
+    depthwise = LayerCost("dw", "dwconv", 8, 16, (5, 5), 8, (16, 16), (8, 8))  # multiplier 2, stride 2
+    assert depthwise.patch_bytes_per_channel(4) == 25 * 8 * 8 * 4 * 4 * (1 + 2)
+    dense = LayerCost("c", "conv", 8, 8, (3, 3), 1, (8, 8), (8, 8))
+    assert dense.patch_bytes_per_channel(2) == 9 * 8 * 8 * 2 * 4 * 2
+    assert LayerCost("pw", "conv", 8, 8, (1, 1), 1, (8, 8), (8, 8)).patch_bytes_per_channel(4) == 0
+    assert LayerCost("pw2", "conv", 8, 8, (1, 1), 1, (8, 8), (4, 4)).patch_bytes_per_channel(1) == 16 * 4 * 2
+    assert LayerCost("fc", "linear", 8, 2, (1, 1), 1, (1, 1), (1, 1)).patch_bytes_per_channel(4) == 0
+    # a selection drawn over every candidate: its share of all their patches
+    patches = 8 * (depthwise.patch_bytes_per_channel(4) + dense.patch_bytes_per_channel(4))
+    assert selection_patch_bytes([dense, depthwise], 4, 0.25) == patches // 4
+    assert selection_patch_bytes([dense, depthwise], 4, 1.0) == patches
+    assert selection_patch_bytes([dense, depthwise], 4, 0.0) == 0

@@ -149,7 +149,10 @@ def test_impossible_budget_is_refused_with_what_would_fit(tmp_path: Path) -> Non
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "does not fit tiny-board" in result.stderr and "usable 330.0 MiB" in result.stderr
-    assert "What would fit (training the classifier only): --method classifier-only" in result.stderr
+    assert "what would fit (training the classifier only): --method classifier-only" in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("part ") and "predicted peak" in result.stderr  # the parts, then one error line
+    assert lines[-1].startswith("error: budget 50% does not fit tiny-board")
     assert not (tmp_path / "p.json").exists()
 
 

@@ -63,6 +63,17 @@ class LayerCost:
         """Multiply-adds of one input channel's weight gradient, one sample (FLOPs = 2x)."""
         return self.weight_units_per_channel * self.out_hw[0] * self.out_hw[1]
 
+    def patch_bytes_per_channel(self, batch_size: int) -> int:
+        """Bytes the portable step's weight gradient of this layer works on per selected input
+        channel: the ``kh*kw`` shifted copies of the channel (its *patches*) and their product with
+        the output gradient (a grouped conv's ``out/groups`` outputs; a dense conv's Einsum copies
+        them once). 0 where there are no patches: a Linear, or a 1x1 conv keeping the input's size."""
+        if self.kind == "linear" or (self.kernel == (1, 1) and self.in_hw == self.out_hw):
+            return 0
+        patches = self.kernel[0] * self.kernel[1] * self.out_hw[0] * self.out_hw[1] * batch_size * BYTES_PER_UNIT
+        products = self.out_channels // self.groups if self.groups > 1 else 1
+        return patches * (1 + products)
+
     @property
     def total_units(self) -> int:
         """Units to update every input channel of this layer."""

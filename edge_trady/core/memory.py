@@ -17,11 +17,13 @@ Per engine, the training parts differ:
   weights several times (checkpoint state, session, optimizer, serialisation), and its arena's slack.
 - portable: plain ONNX Runtime runs the step graph, which keeps the selected channels, 1-bit clamp
   masks and the classifier input (traced as torch-sparse with packed masks), gradients of the
-  selected slices. Its peak is dominated by the weights, held many times over (``CALIBRATION``);
-  ONNX Runtime frees each activation after its last use, so only part of the modelled working sets
-  is resident at once.
+  selected slices. At small budgets its peak is dominated by the weights, held several times over
+  (``CALIBRATION``); ONNX Runtime frees each activation after its last use, so only part of the
+  modelled working sets is resident at once. At large budgets the weight-gradient *patches* (the
+  ``kh*kw`` shifted copies of the selected channels, ``LayerCost.patch_bytes_per_channel``)
+  dominate: ONNX Runtime's arena keeps blocks of their sizes, so the part grows with their sum.
 
-The two constants of each engine in ``CALIBRATION`` are fitted on ``bench/memory_check.py``
+The constants of each engine in ``CALIBRATION`` are fitted on ``bench/memory_check.py``
 (EfficientNet-Lite0, Fashion-MNIST, 64 and 128 px, batch 8 and 32; docs/memory.md), preferring
 slight over-prediction: under-predicting is the dangerous direction.
 
@@ -34,6 +36,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .budget import format_bytes
+from .layers import LayerCost
 
 ENGINES = ("torch-masked", "torch-sparse", "ort", "portable")
 DATA_SET_PART = "data set"  # the part the runner re-checks with the data's real size
@@ -97,6 +100,7 @@ class RunShape:
     dataset_bytes: int  # decoded uint8 images kept for training and validation
     data_load_bytes: int  # transient while decoding the source files
     runtime_baseline_bytes: int  # fresh process with the engine loaded (device profile)
+    patch_bytes: int = 0  # portable: weight-gradient patches of the worst selection (selection_patch_bytes)
 
 
 @dataclass(frozen=True)
@@ -112,29 +116,29 @@ class Calibration:
 
     weight_copies: float
     working_set_share: float
+    patch_share: float = 0.0  # portable: the factor on the selection's weight-gradient patches
 
 
 CALIBRATION = {
     # PyTorch reads the weights file whole while it fills the parameters: 2 copies. The working sets
     # as modelled; fits the rows within +-10 % (64 px batch 8 lowest, -6 %).
     "torch-masked": Calibration(weight_copies=2.0, working_set_share=1.0),
-    # As torch-masked, but glibc keeps the freed activation blocks of forward and backward (the peak
-    # varies by ~40 MiB between identical runs with the heap layout): fitted 2.4x the working sets on
-    # the batch-32 and 128 px rows (64 px batch 8 peaks while loading the data).
-    "torch-sparse": Calibration(weight_copies=2.0, working_set_share=2.4),
+    # glibc keeps freed heap of the weights' loading and of forward and backward (the peak varies by
+    # ~40 MiB between identical runs with the heap layout): 5.5 copies and 1.35x the working sets,
+    # fitted on the 5 rows of bench/memory_check.py (64 and 128 px, batch 8 and 32, fresh and
+    # resumed; all within -1 .. +3 %).
+    "torch-sparse": Calibration(weight_copies=5.5, working_set_share=1.35),
     # The session's initializers, the checkpoint state's copy, the optimizer's view and the module's
     # evaluation copy: 2.7 copies fitted on the batch-8 rows (the batch-32 rows are dominated by the
     # traced activations, which stay as they were fitted).
     "ort": Calibration(weight_copies=2.7, working_set_share=1.0),
-    # The runner's numpy weights, the graph bytes read and patched while a session is created, each
-    # ONNX Runtime session's model, initializers and optimized (NCHWc / prepacked) weights, the step
-    # and the inference session created in turn (freed memory is not returned at once) and the final
-    # export: measured 99.6 MiB over the runtime baseline at batch 1-8 with 13.05 MiB of weights
-    # (7.6 copies, bench-free probe: engine + predict + steps + predict, no data), 9 copies with the
-    # epoch's evaluation and export in the real runner (bench/memory_check.py, batch 8). ONNX Runtime
-    # frees activations after their last use: 0.3x the modelled working sets fits the growth from
-    # batch 8 to 32 and from 64 to 128 px.
-    "portable": Calibration(weight_copies=9.0, working_set_share=0.3),
+    # The runner's numpy weights, the graph bytes patched while a session is created (released once
+    # it exists), each ONNX Runtime session's initializers and optimized (NCHWc / prepacked) weights,
+    # the final export: 5.75 copies. ONNX Runtime frees activations after their last use (0.15x the
+    # modelled working sets), but its arena keeps blocks of every size the step asked for: 0.64x the
+    # selection's weight-gradient patches summed over the layers. Fitted on the 8 rows of
+    # bench/memory_check.py at 32-128 px, batch 8-32, budgets 2-100 % (all within -1.4 .. +5.8 %).
+    "portable": Calibration(weight_copies=5.75, working_set_share=0.15, patch_share=0.64),
 }
 ORT_CHECKPOINT_COPIES = 2  # ORT: writing a checkpoint / exporting the model serialises the weights
 ORT_SAVED_FACTOR = 1.2  # ORT keeps ~20 % more per sample than PyTorch autograd (fitted: ORT rows)
@@ -166,6 +170,14 @@ def fleet_parts(trainable_bytes: int) -> list[MemoryPart]:
             "message bytes + decoded arrays",
         ),
     ]
+
+
+def selection_patch_bytes(layers: list[LayerCost], batch_size: int, share: float) -> int:
+    """The weight-gradient patches of the portable step for a selection holding ``share`` of every
+    candidate channel (as the sampler draws channels at random), summed over the layers. Each
+    layer's patches are freed after use, but ONNX Runtime's arena keeps blocks of every size the
+    step asked for, so the peak grows with the sum (``patch_share`` of it, calibrated)."""
+    return int(share * sum(layer.in_channels * layer.patch_bytes_per_channel(batch_size) for layer in layers))
 
 
 def estimate_memory(engine: str, shape: RunShape) -> MemoryEstimate:
@@ -219,6 +231,18 @@ def estimate_memory(engine: str, shape: RunShape) -> MemoryEstimate:
                 int(share * 2 * b * shape.largest_activation_per_sample),
                 "train",
                 "activation gradients of the widest layer",
+            ),
+            *(
+                [
+                    MemoryPart(
+                        "weight-gradient patches",
+                        int(fit.patch_share * shape.patch_bytes),
+                        "train",
+                        f"kh*kw shifted copies of the selected channels x {fit.patch_share:g} (calibrated)",
+                    )
+                ]
+                if engine == "portable"
+                else []
             ),
             MemoryPart("optimizer state", 0, "train", "plain SGD keeps none"),
             MemoryPart(

@@ -128,8 +128,8 @@ def load_checkpoint(
     for index, folder in enumerate(folders):
         try:
             record = _read_record(folder)
-            check_origin(record["origin"], origin, folder)
-            state = _state(record["state"], folder)
+            check_origin(record.get("origin"), origin, folder)  # a mutated record may lack either
+            state = _state(record.get("state"), folder)
             check(state)
             try:
                 engine.load_state(folder)

@@ -37,6 +37,7 @@ from ..errors import DataError
 
 FASHION_MNIST_ENV = "EDGE_TRADY_FASHION_MNIST"
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist/"
+IDX_CHUNK_BYTES = 1 << 20  # an IDX file is streamed this much at a time
 FASHION_MNIST_CLASSES = [
     "T-shirt/top",
     "Trouser",
@@ -322,10 +323,10 @@ def _open_fashion_mnist(directory: Path, split: str) -> _Source:
         raise DataError(f"{labels_path}: label {labels.max()} out of range [0, 10)")
 
     def read(indices: np.ndarray, size: int) -> np.ndarray:
-        images = _read_idx(images_path, 3)
-        if len(images) != len(labels):
-            raise DataError(f"{images_path}: {len(images)} images but {labels_path.name} has {len(labels)} labels")
-        return _fit_arrays(images[indices][..., None], size)
+        images, count = _read_idx_rows(images_path, 3, indices)
+        if count != len(labels):
+            raise DataError(f"{images_path}: {count} images but {labels_path.name} has {len(labels)} labels")
+        return _fit_arrays(images[..., None], size)
 
     part = f"{prefix} files"
     return _Source(labels, list(FASHION_MNIST_CLASSES), read, False, f"fashion-mnist {directory}", part)
@@ -339,22 +340,75 @@ def _idx_file(directory: Path, stem: str) -> Path:
 
 
 def _read_idx(path: Path, ndim: int) -> np.ndarray:
-    """An IDX array of unsigned bytes with ``ndim`` dimensions (gzipped if ``.gz``)."""
+    """An IDX array of unsigned bytes with ``ndim`` dimensions (gzipped if ``.gz``), read whole."""
+    with _idx_stream(path) as f:
+        shape = _idx_shape(f, path, ndim)
+        data = _idx_guard(path, f.read)()
+    if len(data) != math.prod(shape):
+        raise _idx_truncated(path, shape, len(data))
+    return np.frombuffer(data, np.uint8).reshape(shape)
+
+
+def _read_idx_rows(path: Path, ndim: int, rows: np.ndarray) -> tuple[np.ndarray, int]:
+    """Entries ``rows`` of the first axis of an IDX array (in that order) and the array's length.
+
+    The file is streamed IDX_CHUNK_BYTES at a time, so only the rows kept and one chunk are ever
+    held (Fashion-MNIST's training file whole is 45 MiB, and gzip's join held it twice)."""
+    with _idx_stream(path) as f:
+        shape = _idx_shape(f, path, ndim)
+        row_bytes = math.prod(shape[1:])
+        order = np.argsort(rows, kind="stable")
+        wanted = rows[order]
+        out = np.empty((len(rows), row_bytes), np.uint8)
+        read = _idx_guard(path, f.read)
+        step = max(1, IDX_CHUNK_BYTES // max(row_bytes, 1))
+        done = 0  # rows of the file read so far
+        taken = 0  # entries of ``wanted`` filled so far
+        while done < shape[0]:
+            n = min(step, shape[0] - done)
+            block = read(n * row_bytes)
+            if len(block) != n * row_bytes:
+                raise _idx_truncated(path, shape, done * row_bytes + len(block))
+            end = int(np.searchsorted(wanted, done + n))
+            chunk = np.frombuffer(block, np.uint8).reshape(n, row_bytes)
+            out[order[taken:end]] = chunk[wanted[taken:end] - done]
+            taken, done = end, done + n
+        if read(1):
+            raise DataError(f"{path}: truncated or corrupt IDX file (more bytes than its shape {shape} needs)")
+    return out.reshape(len(rows), *shape[1:]), shape[0]
+
+
+def _idx_stream(path: Path):
     try:
-        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError, zlib.error) as e:
+        return (gzip.open if path.suffix == ".gz" else open)(path, "rb")
+    except OSError as e:
         raise DataError(f"{path}: cannot read IDX file, truncated or corrupt ({e})") from e
-    header = 4 + 4 * ndim
-    if len(raw) < header or int.from_bytes(raw[:4], "big") != 0x800 | ndim:
+
+
+def _idx_guard(path: Path, read: Callable[..., bytes]) -> Callable[..., bytes]:
+    """``read`` with the errors of a truncated or corrupt (gzip) file as one DataError."""
+
+    def guarded(*size: int) -> bytes:
+        try:
+            return read(*size)
+        except (OSError, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: cannot read IDX file, truncated or corrupt ({e})") from e
+
+    return guarded
+
+
+def _idx_shape(f, path: Path, ndim: int) -> tuple[int, ...]:
+    """Read and check an IDX header of ``ndim``-D unsigned bytes; its shape."""
+    header = _idx_guard(path, f.read)(4 + 4 * ndim)
+    if len(header) < 4 + 4 * ndim or int.from_bytes(header[:4], "big") != 0x800 | ndim:
         raise DataError(f"{path}: not an IDX file of {ndim}-D unsigned bytes (bad magic number)")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    if len(raw) - header != math.prod(shape):
-        raise DataError(
-            f"{path}: truncated or corrupt IDX file (shape {shape} needs {math.prod(shape)} "
-            f"bytes of data, found {len(raw) - header})"
-        )
-    return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
+    return tuple(int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+
+
+def _idx_truncated(path: Path, shape: tuple[int, ...], found: int) -> DataError:
+    return DataError(
+        f"{path}: truncated or corrupt IDX file (shape {shape} needs {math.prod(shape)} bytes of data, found {found})"
+    )
 
 
 # Image folders
@@ -580,20 +634,10 @@ def _synthetic(
 
 
 def load_transient_bytes(spec: str, split: str) -> int:
-    """Memory held only while a split is decoded: the raw source read whole (IDX, npz).
-
-    A gzipped IDX file is read as chunks then joined, so it is held about twice.
-    """
-    name, _, arg = spec.partition(":")
+    """Memory held only while a split is decoded: an IDX file's chunk (streamed), an npz read whole."""
+    name, _, _ = spec.partition(":")
     if name == "fashion-mnist":
-        directory = Path(arg or os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR).expanduser()
-        prefix = "train" if split == "train" else "t10k"
-        path = _idx_file(directory, f"{prefix}-images-idx3-ubyte")
-        if path.suffix != ".gz":
-            return path.stat().st_size
-        with path.open("rb") as handle:  # gzip keeps the uncompressed size in its last 4 bytes
-            handle.seek(-4, os.SEEK_END)
-            return 2 * int.from_bytes(handle.read(4), "little")
+        return IDX_CHUNK_BYTES
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".npz" and path.is_file():
         return path.stat().st_size

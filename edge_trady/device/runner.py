@@ -17,6 +17,7 @@ from ..core.plan import Plan
 from ..core.selection import CandidateLayer, ChannelSampler, candidate_names, method_spec
 from ..errors import ArtifactError, DataError, MemoryGuardError, PlanError
 from .data import Dataset, Normalization, load_dataset, validation_source
+from .heap import pin_mmap_threshold
 from .loop import TrainConfig, fell_below, train
 from .manifest import MANIFEST_FILE, Manifest, ModelInfo, sha256_file
 from .memwatch import current_rss_bytes, peak_rss_bytes
@@ -138,6 +139,8 @@ def check_data(data: Dataset, num_classes: int, class_names: list[str] | None, i
         raise DataError(f"{data.source}: {data.num_classes} classes, the model has {num_classes}{names}")
     pair = [data.class_names, class_names]
     if all(names and not _numbered(names) for names in pair) and pair[0] != pair[1]:
+        if len(pair[0]) != len(pair[1]):
+            raise DataError(f"{data.source}: {len(pair[0])} class names, the model's manifest lists {len(pair[1])}")
         theirs, ours = next((a, b) for a, b in zip(*pair, strict=True) if a != b)
         raise DataError(f"{data.source}: class {theirs!r} where the model has {ours!r}")
     expected = (image_size, image_size, 3)
@@ -203,6 +206,7 @@ def load_data(manifest: Manifest, request: RunRequest) -> tuple[Dataset, Dataset
 def open_engine(manifest: Manifest, artifact: Path):
     """The engine of the artifact's format (it loads onnxruntime: only when a run really starts),
     checked against the plan the manifest carries."""
+    pin_mmap_threshold()  # the engines free and re-create sessions and tensors of a few MiB
     if manifest.format == "onnx":
         from ..engines.portable import PortableEngine
 

@@ -167,11 +167,18 @@ class PortableEngine:
 
     def _create(self, path: Path, data: bytes, step: bool):
         ort = _onnxruntime()
+        options = session_options(self.threads, step)
         try:
-            return ort.InferenceSession(data, session_options(self.threads, step), providers=["CPUExecutionProvider"])
+            session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         except Exception as exc:
             reason = " ".join(str(exc).split())
             raise ArtifactError(f"{path}: onnxruntime {ort.__version__} cannot load it ({reason[:300]})") from None
+        # The Python session keeps the serialized model for as long as it lives ("TODO: This is bad as
+        # we're holding the memory indefinitely", onnxruntime_inference_collection.py); it is needed
+        # only to re-create the session on another execution provider, which this engine never does.
+        if getattr(session, "_model_bytes", None) is not None:
+            session._model_bytes = None
+        return session
 
     def set_selection(self, selection: Selection) -> None:
         unknown = set(selection.channels) - set(self.layers)
@@ -276,7 +283,9 @@ class PortableEngine:
 
     def export_inference(self, path: Path) -> None:
         """Write an ONNX model (image in, logits out, current weights) for ``InferenceSession``,
-        atomically: the inference graph with the trainable weights' bytes replaced."""
+        atomically: the inference graph with the trainable weights' bytes replaced. The session is
+        dropped first (made again when needed), so the graph's bytes take its place, not more."""
+        self._session = None
         source = self._read(self.directory / self.layout.inference_model)
         with replacing(Path(path)) as tmp, open(tmp, "wb") as handle:
             for chunk in source.patched_chunks(self.weights):

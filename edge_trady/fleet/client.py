@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from ..device.runner import RunRequest, load_data, plan_sampler
 from ..engines.base import Engine
 from ..errors import ArtifactError, FleetError
 from .aggregate import ClientUpdate, SliceUpdate, weight_layers
-from .engines import open_engine, resolve_engine
+from .engines import onnxruntime_kind, open_engine, resolve_engine
 from .task import ClientReport, RoundTask
 
 NODE_LOG = "rounds.jsonl"
@@ -125,10 +126,23 @@ def train_round(
         "version": __version__,
         **dataclasses.asdict(report),
         "uplink_payload_bytes": update.payload_bytes,
+        "runtime": runtime_facts(),
         "selection": selection.to_json(),
     }
     append_line(settings.out / NODE_LOG, json.dumps(record))
     return update, report, kind
+
+
+def runtime_facts() -> dict[str, str | bool]:
+    """What this process trained on: its Python, the onnxruntime it loaded ("plain 1.32.0",
+    "training 1.19.2" or "" if none) and whether torch was ever imported in it."""
+    loaded = sys.modules.get("onnxruntime")
+    version = getattr(loaded, "__version__", None)
+    return {
+        "python": sys.executable,
+        "onnxruntime": f"{onnxruntime_kind()} {version}" if version else "",
+        "torch_loaded": "torch" in sys.modules,
+    }
 
 
 def _local_epochs(

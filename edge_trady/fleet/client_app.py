@@ -13,7 +13,7 @@ from flwr.clientapp import ClientApp
 
 from .. import __version__
 from ..errors import EdgeTradyError
-from .client import NodeSettings, train_round
+from .client import NodeSettings, runtime_facts, train_round
 from .protocol import GLOBAL, TASK, decode_state, read_task, refusal_content, reply_content
 
 app = ClientApp()
@@ -36,4 +36,6 @@ def train(msg: Message, context: Context) -> Message:
         file=sys.stderr,
         flush=True,
     )
-    return Message(reply_content(update, report, {**info, "engine": engine}), reply_to=msg)
+    runtime = runtime_facts()
+    facts = {"engine": engine, "onnxruntime": runtime["onnxruntime"], "torch_loaded": runtime["torch_loaded"]}
+    return Message(reply_content(update, report, {**info, **facts}), reply_to=msg)

@@ -87,7 +87,11 @@ def check_security(host: str, insecure: bool, tls: Tls | None) -> None:
 
 
 def flower_env(home: Path | None = None) -> dict[str, str]:
-    env = {**os.environ, **FLOWER_ENV}
+    """The environment of Flower's processes. This Python's scripts come first on PATH: a SuperNode
+    starts ``flower-superexec`` and ``flwr-clientapp`` (a SuperLink ``flwr-serverapp``) by name, and
+    they must be this environment's (a device venv's, not another Python's found on PATH)."""
+    scripts = str(Path(sys.executable).parent)
+    env = {**os.environ, **FLOWER_ENV, "PATH": os.pathsep.join(filter(None, [scripts, os.environ.get("PATH")]))}
     if home is not None:
         env["FLWR_HOME"] = str(home)
     return env

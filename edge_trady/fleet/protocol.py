@@ -12,7 +12,8 @@ Uplink, the reply:
   ``core.slices.ChannelSlice`` lays them out); the classifier's parameters whole, under their own
   names. Never a frozen entry.
 - ``report`` (MetricRecord): ``num-examples`` and the client's numbers (``task.ClientReport``);
-- ``info`` (ConfigRecord): ``status`` ("ok" or "refused"), ``reason``, node name, engine, version.
+- ``info`` (ConfigRecord): ``status`` ("ok" or "refused"), ``reason``, node name, version; with an
+  update also the engine, the onnxruntime the ClientApp loaded and whether it imported torch.
 """
 
 from __future__ import annotations

@@ -228,6 +228,8 @@ class FleetServer:
                     "node_id": node,
                     "node": info.get("node"),
                     "engine": info.get("engine"),
+                    "onnxruntime": info.get("onnxruntime"),
+                    "torch_loaded": info.get("torch_loaded"),
                     **{k: _finite(v) for k, v in asdict(report).items()},
                     "uplink_bytes": record.count_bytes(),
                     "uplink_payload_bytes": update.payload_bytes,

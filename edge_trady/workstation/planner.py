@@ -14,7 +14,7 @@ import numpy as np
 
 from ..core.budget import cap_budget, format_bytes, parse_budget
 from ..core.layers import LayerCost, full_units
-from ..core.memory import MemoryEstimate, RunShape, estimate_memory, fleet_parts
+from ..core.memory import MemoryEstimate, RunShape, estimate_memory, fleet_parts, selection_patch_bytes
 from ..core.plan import Plan
 from ..core.selection import Selection, candidate_names, method_spec
 from ..device.data import Dataset, load_dataset, load_transient_bytes
@@ -86,7 +86,8 @@ def make_plan(req: PlanRequest, progress: Progress) -> Plan:
         resolved = parse_budget(req.budget).resolve(full_units(setup.layers))
         budget, note = cap_budget(resolved, setup.layers, req.batch_size)
         amount, unit = budget.amount, budget.unit
-        estimate = _estimate(req, setup, full, baseline, _budget_bytes(setup, req, amount, unit))
+        bound, share = _budget_bytes(setup, req, amount, unit), _budget_share(setup, req, amount, unit)
+        estimate = _estimate(req, setup, full, baseline, bound, share=share)
         if estimate.peak_bytes > usable:
             _refuse(req, setup, estimate, usable, f"budget {req.budget}")
         notes = [note] if note else []
@@ -94,9 +95,10 @@ def make_plan(req: PlanRequest, progress: Progress) -> Plan:
             progress.line(f"note: {note}")
     else:
         amount, unit, estimate, notes = _default_budget(req, setup, full, baseline, usable)
-    engines = (
-        _compare_engines(req, setup, usable, _budget_bytes(setup, req, amount, unit)) if req.compare_engines else []
-    )
+    engines = []
+    if req.compare_engines:
+        bound, share = _budget_bytes(setup, req, amount, unit), _budget_share(setup, req, amount, unit)
+        engines = _compare_engines(req, setup, usable, bound, share)
     return Plan(
         model=req.model,
         num_classes=setup.built.num_classes,
@@ -228,11 +230,31 @@ def _footprint(setup: _Setup, engine: str, layers: list[LayerCost], image_size: 
 
 
 def _budget_bytes(setup: _Setup, req: PlanRequest, amount: float, unit: str) -> float:
-    """Upper bound of the bytes the selected channels take (weights + activations at the batch)."""
+    """Upper bound of the bytes the selected channels take (weights + activations at the batch):
+    the most bytes any selection within the budget can hold (a budget in units is filled with the
+    channels of the most bytes per unit first), never more than every candidate channel."""
+    batch = req.batch_size
+    top = float(sum(c.bytes_per_channel(batch) * c.in_channels for c in setup.candidates))
     if unit == "bytes":
-        return amount
-    ratio = max((c.bytes_per_channel(req.batch_size) / c.unit_cost for c in setup.candidates), default=4.0)
-    return amount * ratio
+        return min(amount, top)
+    bound, left = 0.0, amount
+    for c in sorted(setup.candidates, key=lambda c: c.bytes_per_channel(batch) / c.unit_cost, reverse=True):
+        units = min(left, c.total_units)
+        bound += units * c.bytes_per_channel(batch) / c.unit_cost
+        left -= units
+        if left <= 0:
+            break
+    return bound if setup.candidates else amount * 4.0
+
+
+def _budget_share(setup: _Setup, req: PlanRequest, amount: float, unit: str) -> float:
+    """The share of every candidate channel that a selection within the budget holds on average
+    (channels drawn at random): of the units, or of the bytes at the batch size."""
+    if unit == "bytes":
+        every = sum(c.bytes_per_channel(req.batch_size) * c.in_channels for c in setup.candidates)
+    else:
+        every = sum(c.total_units for c in setup.candidates)
+    return min(1.0, amount / every) if every else 0.0
 
 
 def _estimate(
@@ -242,7 +264,10 @@ def _estimate(
     baseline: int,
     budget_bytes: float,
     engine: str | None = None,
+    share: float | None = None,
 ) -> MemoryEstimate:
+    """The memory estimate with selections keeping at most ``budget_bytes``; ``share``: of every
+    candidate channel on average (default: ``budget_bytes`` over them all, a budget in bytes)."""
     engine = engine or req.engine
     head = next(x for x in setup.layers if x.name == setup.built.classifier)
     head_bytes = (head.weight_count + head.out_channels) * 4
@@ -252,6 +277,9 @@ def _estimate(
     else:
         saved_fixed = fp.saved_bytes_fixed
         gradients = fp.trainable_weight_bytes
+    portable = engine == "portable"
+    if share is None:
+        share = _budget_share(setup, req, budget_bytes, "bytes")
     shape = RunShape(
         batch_size=req.batch_size,
         weight_bytes=fp.weight_bytes,
@@ -264,6 +292,7 @@ def _estimate(
         dataset_bytes=setup.dataset_bytes,
         data_load_bytes=setup.load_bytes,
         runtime_baseline_bytes=baseline,
+        patch_bytes=selection_patch_bytes(setup.candidates, req.batch_size, share) if portable else 0,
     )
     estimate = estimate_memory(engine, shape)
     if req.fleet:
@@ -276,7 +305,8 @@ def _default_budget(
 ) -> tuple[float, str, MemoryEstimate, list[str]]:
     """DEFAULT_BUDGET when it fits (memory to spare buys no accuracy past it), else the largest that fits."""
     budget = parse_budget(DEFAULT_BUDGET).resolve(full_units(setup.layers))
-    estimate = _estimate(req, setup, full, baseline, _budget_bytes(setup, req, budget.amount, budget.unit))
+    bound = _budget_bytes(setup, req, budget.amount, budget.unit)
+    estimate = _estimate(req, setup, full, baseline, bound, share=_budget_share(setup, req, budget.amount, budget.unit))
     if estimate.peak_bytes <= usable:
         note = (
             f"default budget {DEFAULT_BUDGET} of full fine-tuning: the accuracy-efficient one (more bought no "
@@ -323,9 +353,10 @@ def _refuse(req: PlanRequest, setup: _Setup, estimate: MemoryEstimate, usable: i
     suggestions = _suggestions(req, setup, usable)
     hint = ", ".join(suggestions) if suggestions else "nothing (no smaller batch or image size fits either)"
     raise PlanError(
-        f"{what} does not fit {req.profile.name}: predicted peak {format_bytes(estimate.peak_bytes)} > "
-        f"usable {format_bytes(usable)} (engine {req.engine}, batch {req.batch_size}, "
-        f"{req.image_size} px).\n{estimate.table()}\nWhat would fit (training the classifier only): {hint}"
+        f"{what} does not fit {req.profile.name}: predicted peak {format_bytes(estimate.peak_bytes)} > usable "
+        f"{format_bytes(usable)} (engine {req.engine}, batch {req.batch_size}, {req.image_size} px); what "
+        f"would fit (training the classifier only): {hint}",
+        details=estimate.table(),  # printed before the error line
     )
 
 
@@ -363,7 +394,7 @@ def _suggestions(req: PlanRequest, setup: _Setup, usable: int) -> list[str]:
 UNAVAILABLE = {("ort", "aarch64"): "no onnxruntime-training wheel exists for aarch64"}
 
 
-def _compare_engines(req: PlanRequest, setup: _Setup, usable: int, budget_bytes: float) -> list[dict]:
+def _compare_engines(req: PlanRequest, setup: _Setup, usable: int, budget_bytes: float, share: float) -> list[dict]:
     """The other engines' predicted peaks for this plan: at its budget and for the smallest plan
     (the classifier only), whether they fit, and why not."""
     rows = []
@@ -380,7 +411,7 @@ def _compare_engines(req: PlanRequest, setup: _Setup, usable: int, budget_bytes:
         sparse = engine in SPARSE_ENGINES
         full = _footprint(setup, engine, setup.candidates, req.image_size)
         head = full if sparse else _footprint(setup, engine, [], req.image_size)
-        at_budget = _estimate(req, setup, full, baseline, budget_bytes, engine).peak_bytes
+        at_budget = _estimate(req, setup, full, baseline, budget_bytes, engine, share).peak_bytes
         smallest = _estimate(req, setup, head, baseline, 0, engine).peak_bytes
         fits = "yes" if at_budget <= usable else "classifier only" if smallest <= usable else "no"
         reasons = []
