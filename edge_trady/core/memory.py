@@ -100,7 +100,7 @@ class RunShape:
     dataset_bytes: int  # decoded uint8 images kept for training and validation
     data_load_bytes: int  # transient while decoding the source files
     runtime_baseline_bytes: int  # fresh process with the engine loaded (device profile)
-    patch_bytes: int = 0  # portable: weight-gradient patches of the worst selection (selection_patch_bytes)
+    patch_bytes: int = 0  # portable: weight-gradient patches of a selection (selection_patch_bytes)
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,10 @@ import os
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -341,9 +343,9 @@ def _idx_file(directory: Path, stem: str) -> Path:
 
 def _read_idx(path: Path, ndim: int) -> np.ndarray:
     """An IDX array of unsigned bytes with ``ndim`` dimensions (gzipped if ``.gz``), read whole."""
-    with _idx_stream(path) as f:
+    with _idx_open(path) as f:
         shape = _idx_shape(f, path, ndim)
-        data = _idx_guard(path, f.read)()
+        data = f.read()
     if len(data) != math.prod(shape):
         raise _idx_truncated(path, shape, len(data))
     return np.frombuffer(data, np.uint8).reshape(shape)
@@ -354,52 +356,42 @@ def _read_idx_rows(path: Path, ndim: int, rows: np.ndarray) -> tuple[np.ndarray,
 
     The file is streamed IDX_CHUNK_BYTES at a time, so only the rows kept and one chunk are ever
     held (Fashion-MNIST's training file whole is 45 MiB, and gzip's join held it twice)."""
-    with _idx_stream(path) as f:
+    with _idx_open(path) as f:
         shape = _idx_shape(f, path, ndim)
         row_bytes = math.prod(shape[1:])
         order = np.argsort(rows, kind="stable")
         wanted = rows[order]
         out = np.empty((len(rows), row_bytes), np.uint8)
-        read = _idx_guard(path, f.read)
         step = max(1, IDX_CHUNK_BYTES // max(row_bytes, 1))
         done = 0  # rows of the file read so far
         taken = 0  # entries of ``wanted`` filled so far
         while done < shape[0]:
             n = min(step, shape[0] - done)
-            block = read(n * row_bytes)
+            block = f.read(n * row_bytes)
             if len(block) != n * row_bytes:
                 raise _idx_truncated(path, shape, done * row_bytes + len(block))
             end = int(np.searchsorted(wanted, done + n))
             chunk = np.frombuffer(block, np.uint8).reshape(n, row_bytes)
             out[order[taken:end]] = chunk[wanted[taken:end] - done]
             taken, done = end, done + n
-        if read(1):
+        if f.read(1):
             raise DataError(f"{path}: truncated or corrupt IDX file (more bytes than its shape {shape} needs)")
     return out.reshape(len(rows), *shape[1:]), shape[0]
 
 
-def _idx_stream(path: Path):
+@contextmanager
+def _idx_open(path: Path) -> Iterator[BinaryIO]:
+    """The IDX file (gunzipped if ``.gz``); a truncated or corrupt file, while open or read, is one DataError."""
     try:
-        return (gzip.open if path.suffix == ".gz" else open)(path, "rb")
-    except OSError as e:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            yield f
+    except (OSError, EOFError, zlib.error) as e:
         raise DataError(f"{path}: cannot read IDX file, truncated or corrupt ({e})") from e
 
 
-def _idx_guard(path: Path, read: Callable[..., bytes]) -> Callable[..., bytes]:
-    """``read`` with the errors of a truncated or corrupt (gzip) file as one DataError."""
-
-    def guarded(*size: int) -> bytes:
-        try:
-            return read(*size)
-        except (OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{path}: cannot read IDX file, truncated or corrupt ({e})") from e
-
-    return guarded
-
-
-def _idx_shape(f, path: Path, ndim: int) -> tuple[int, ...]:
+def _idx_shape(f: BinaryIO, path: Path, ndim: int) -> tuple[int, ...]:
     """Read and check an IDX header of ``ndim``-D unsigned bytes; its shape."""
-    header = _idx_guard(path, f.read)(4 + 4 * ndim)
+    header = f.read(4 + 4 * ndim)
     if len(header) < 4 + 4 * ndim or int.from_bytes(header[:4], "big") != 0x800 | ndim:
         raise DataError(f"{path}: not an IDX file of {ndim}-D unsigned bytes (bad magic number)")
     return tuple(int.from_bytes(header[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
@@ -633,8 +625,9 @@ def _synthetic(
     )
 
 
-def load_transient_bytes(spec: str, split: str) -> int:
-    """Memory held only while a split is decoded: an IDX file's chunk (streamed), an npz read whole."""
+def load_transient_bytes(spec: str) -> int:
+    """Memory held only while a split of ``spec`` is decoded: an IDX file's chunk (streamed), an npz
+    read whole."""
     name, _, _ = spec.partition(":")
     if name == "fashion-mnist":
         return IDX_CHUNK_BYTES

@@ -86,7 +86,7 @@ def make_plan(req: PlanRequest, progress: Progress) -> Plan:
         resolved = parse_budget(req.budget).resolve(full_units(setup.layers))
         budget, note = cap_budget(resolved, setup.layers, req.batch_size)
         amount, unit = budget.amount, budget.unit
-        bound, share = _budget_bytes(setup, req, amount, unit), _budget_share(setup, req, amount, unit)
+        bound, share = _budget_bounds(setup, req, amount, unit)
         estimate = _estimate(req, setup, full, baseline, bound, share=share)
         if estimate.peak_bytes > usable:
             _refuse(req, setup, estimate, usable, f"budget {req.budget}")
@@ -97,8 +97,7 @@ def make_plan(req: PlanRequest, progress: Progress) -> Plan:
         amount, unit, estimate, notes = _default_budget(req, setup, full, baseline, usable)
     engines = []
     if req.compare_engines:
-        bound, share = _budget_bytes(setup, req, amount, unit), _budget_share(setup, req, amount, unit)
-        engines = _compare_engines(req, setup, usable, bound, share)
+        engines = _compare_engines(req, setup, usable, *_budget_bounds(setup, req, amount, unit))
     return Plan(
         model=req.model,
         num_classes=setup.built.num_classes,
@@ -163,7 +162,7 @@ def _setup(req: PlanRequest, progress: Progress) -> _Setup:
     chosen = candidate_names(req.method, names, top_k)
     images = len(train) + len(val) if train and val else (req.train_images or DEFAULT_TRAIN_IMAGES)
     per_image = req.image_size * req.image_size * 3
-    load = max(load_transient_bytes(req.data, "train"), load_transient_bytes(req.data, "val")) if req.data else 0
+    load = load_transient_bytes(req.data) if req.data else 0
     by_name = {layer.name: layer for layer in layers}
     return _Setup(
         built,
@@ -229,14 +228,16 @@ def _footprint(setup: _Setup, engine: str, layers: list[LayerCost], image_size: 
             param.requires_grad_(False)
 
 
-def _budget_bytes(setup: _Setup, req: PlanRequest, amount: float, unit: str) -> float:
-    """Upper bound of the bytes the selected channels take (weights + activations at the batch):
-    the most bytes any selection within the budget can hold (a budget in units is filled with the
-    channels of the most bytes per unit first), never more than every candidate channel."""
+def _budget_bounds(setup: _Setup, req: PlanRequest, amount: float, unit: str) -> tuple[float, float]:
+    """What the selections within the budget hold: at most the bytes (weights + activations at the
+    batch) of the channels with the most bytes per unit first, never more than every candidate
+    channel; and on average (channels drawn at random) this share of every candidate channel."""
     batch = req.batch_size
-    top = float(sum(c.bytes_per_channel(batch) * c.in_channels for c in setup.candidates))
+    every_bytes = float(sum(c.bytes_per_channel(batch) * c.in_channels for c in setup.candidates))
     if unit == "bytes":
-        return min(amount, top)
+        return min(amount, every_bytes), min(1.0, amount / every_bytes) if every_bytes else 0.0
+    if not setup.candidates:
+        return amount * 4.0, 0.0
     bound, left = 0.0, amount
     for c in sorted(setup.candidates, key=lambda c: c.bytes_per_channel(batch) / c.unit_cost, reverse=True):
         units = min(left, c.total_units)
@@ -244,17 +245,7 @@ def _budget_bytes(setup: _Setup, req: PlanRequest, amount: float, unit: str) -> 
         left -= units
         if left <= 0:
             break
-    return bound if setup.candidates else amount * 4.0
-
-
-def _budget_share(setup: _Setup, req: PlanRequest, amount: float, unit: str) -> float:
-    """The share of every candidate channel that a selection within the budget holds on average
-    (channels drawn at random): of the units, or of the bytes at the batch size."""
-    if unit == "bytes":
-        every = sum(c.bytes_per_channel(req.batch_size) * c.in_channels for c in setup.candidates)
-    else:
-        every = sum(c.total_units for c in setup.candidates)
-    return min(1.0, amount / every) if every else 0.0
+    return bound, min(1.0, amount / sum(c.total_units for c in setup.candidates))
 
 
 def _estimate(
@@ -279,7 +270,7 @@ def _estimate(
         gradients = fp.trainable_weight_bytes
     portable = engine == "portable"
     if share is None:
-        share = _budget_share(setup, req, budget_bytes, "bytes")
+        share = _budget_bounds(setup, req, budget_bytes, "bytes")[1]
     shape = RunShape(
         batch_size=req.batch_size,
         weight_bytes=fp.weight_bytes,
@@ -305,8 +296,8 @@ def _default_budget(
 ) -> tuple[float, str, MemoryEstimate, list[str]]:
     """DEFAULT_BUDGET when it fits (memory to spare buys no accuracy past it), else the largest that fits."""
     budget = parse_budget(DEFAULT_BUDGET).resolve(full_units(setup.layers))
-    bound = _budget_bytes(setup, req, budget.amount, budget.unit)
-    estimate = _estimate(req, setup, full, baseline, bound, share=_budget_share(setup, req, budget.amount, budget.unit))
+    bound, share = _budget_bounds(setup, req, budget.amount, budget.unit)
+    estimate = _estimate(req, setup, full, baseline, bound, share=share)
     if estimate.peak_bytes <= usable:
         note = (
             f"default budget {DEFAULT_BUDGET} of full fine-tuning: the accuracy-efficient one (more bought no "
