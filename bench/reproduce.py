@@ -468,6 +468,31 @@ def targets(cells: dict) -> list[str]:
     return lines
 
 
+def against_trady(cells: dict) -> list[str]:
+    """Issue 12's item 3 and the budget curve: each TraDy variant and budget, paired with TraDy at
+    the main budget (a variant wins when it is ahead with p < 0.05)."""
+    trady = cells.get(("trady", MAIN_BUDGET))
+    others = [k for k in cells if k[0] in VARIANTS or (k[0] == "trady" and k[1] != MAIN_BUDGET)]
+    if not trady or not others:
+        return []
+    lines = [f"Against TraDy at {MAIN_BUDGET} (paired over seeds; a variant becomes the default only if it wins):", ""]
+    for method, budget in sorted(others, key=lambda k: (k[0] != "trady", _budget_value(k[1]), k[0])):
+        rows = cells[(method, budget)]
+        diff, p, n = paired(rows, trady)
+        if diff > 0 and p < 0.05:
+            verdict = "wins significantly"
+        elif diff < 0 and p < 0.05:
+            verdict = "significantly worse"
+        else:
+            verdict = "no significant difference"
+        peak = statistics.mean(r["peak_rss_bytes"] for r in rows.values()) / 2**20
+        lines.append(
+            f"- {method} at {budget}: {mean_std(rows)[0]:.2f} %, {diff:+.2f} points (p {_p(p)}, n={n}), "
+            f"peak {peak:.0f} MiB -> {verdict}"
+        )
+    return [*lines, ""]
+
+
 def write_report(settings: list[Setting]) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     body = [
@@ -499,7 +524,7 @@ def write_report(settings: list[Setting]) -> None:
         body += lines
         if setting.name == "lite0-64":
             main_cells = cells
-            body += [*targets(cells), ""]
+            body += [*targets(cells), "", *against_trady(cells)]
     body.append(GENERATED_END)
     report = ROOT / "docs" / "reproduction.md"
     old = report.read_text() if report.exists() else ""

@@ -14,7 +14,6 @@ trains (BatchNorm affine and biases too); prediction uses the running statistics
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,13 +24,13 @@ from ..core.layers import LayerCost
 from ..core.masks import channel_mask
 from ..core.selection import Selection
 from ..workstation.rgn import channel_grad_norms
+from .torch_state import TorchModuleState
 
 GradObserver = Callable[[dict[str, torch.Tensor]], None]
-WEIGHTS_FILE = "weights.pt"
 BATCHNORM_MODES = ("frozen", "train")
 
 
-class TorchMaskedEngine:
+class TorchMaskedEngine(TorchModuleState):
     name = "torch-masked"
 
     def __init__(
@@ -117,13 +116,3 @@ class TorchMaskedEngine:
     def predict(self, x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return self.model(torch.from_numpy(x)).numpy()
-
-    def save_state(self, directory: Path) -> None:
-        torch.save(self.model.state_dict(), directory / WEIGHTS_FILE)
-
-    def load_state(self, directory: Path) -> None:
-        self.model.load_state_dict(torch.load(directory / WEIGHTS_FILE, weights_only=True))
-
-    def weights_finite(self) -> bool:
-        with torch.no_grad():
-            return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())

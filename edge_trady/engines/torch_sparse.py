@@ -21,7 +21,6 @@ import itertools
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,7 +39,7 @@ from .sparse_ops import (
     SparseLinear,
     WeightSlice,
 )
-from .torch_masked import WEIGHTS_FILE
+from .torch_state import TorchModuleState
 
 ROLES = ("selected", "classifier", "masks", "other", "shared")
 
@@ -271,7 +270,7 @@ class SavedTensorLedger:
         self._hooks.__exit__(*exc)
 
 
-class TorchSparseEngine:
+class TorchSparseEngine(TorchModuleState):
     """Trains the selected input channels of a model with plain SGD, storing only what they need."""
 
     name = "torch-sparse"
@@ -389,13 +388,3 @@ class TorchSparseEngine:
         if bias is not None:
             tensors[f"{self.classifier}.bias"] = bias
         return tensors
-
-    def save_state(self, directory: Path) -> None:
-        torch.save(self.model.state_dict(), directory / WEIGHTS_FILE)
-
-    def load_state(self, directory: Path) -> None:
-        self.model.load_state_dict(torch.load(directory / WEIGHTS_FILE, weights_only=True))
-
-    def weights_finite(self) -> bool:
-        with torch.no_grad():
-            return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
