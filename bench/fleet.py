@@ -34,6 +34,7 @@ from edge_trady.core.atomic import replacing, write_json, write_text
 from edge_trady.core.plan import Plan
 from edge_trady.device.data import IMAGENET, load_dataset
 from edge_trady.device.runlog import read_jsonl
+from edge_trady.fleet.aggregate import AGGREGATIONS, UPDATERS
 from edge_trady.fleet.partition import write_partitions
 from edge_trady.fleet.state import RunFolder
 
@@ -58,6 +59,8 @@ def main() -> None:
     # collapses to uniform predictions); at 4 local epochs they leave the fleet 6-7 points below
     # centralized, 0.01 (the project's ranking lr) 2.2 (docs/fleet.md, "Benchmark").
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--aggregation", choices=AGGREGATIONS, default=UPDATERS,
+                        help="the server's (edge-trady fleet server --aggregation)")  # fmt: skip
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label skew")
     parser.add_argument("--val-per-class", type=int, default=100)
     parser.add_argument("--engine", choices=["portable", "torch-sparse"], default="portable", help="of every run")
@@ -120,7 +123,8 @@ def run_fleet(root: Path, artifact: Path, parts: list[Path], args: argparse.Name
     fleet = Fleet(root)
     options = ["--rounds", str(args.rounds), "--local-epochs", str(args.local_epochs), "--min-clients",
                str(args.nodes), "--wait-for", str(args.nodes), "--val", "fashion-mnist", "--val-per-class",
-               str(args.val_per_class), "--round-timeout", "1800", "--wait-timeout", "600"]  # fmt: skip
+               str(args.val_per_class), "--round-timeout", "1800", "--wait-timeout", "600",
+               "--aggregation", args.aggregation]  # fmt: skip
     try:
         for restart in range(SERVER_RESTARTS + 1):
             label = f"server-{restart}"
@@ -213,7 +217,8 @@ def report(summary: dict) -> str:
     lines = [
         f"EfficientNet-Lite0 {s['image_size']} px, trady {s['budget']}, batch {s['batch_size']}, lr {s['lr']} "
         f"(fleet and centralized), {s['nodes']} nodes, {s['rounds']} rounds x {s['local_epochs']} local epoch(s) "
-        f"(centralized: {s['rounds'] * s['local_epochs']} epochs), {s['per_class']} images/class in all; "
+        f"(centralized: {s['rounds'] * s['local_epochs']} epochs), aggregation '{s['aggregation']}', "
+        f"{s['per_class']} images/class in all; "
         f"accuracy on {10 * s['val_per_class']} Fashion-MNIST test images; seeds {', '.join(map(str, seeds))}",
         "",
         "| setting | " + " | ".join(f"seed {seed}" for seed in seeds) + " | mean | gap to centralized (mean) "
@@ -242,7 +247,7 @@ def report(summary: dict) -> str:
 def command_line(settings: dict) -> str:
     """The command that reproduces a summary's settings."""
     defaults = {"nodes": 4, "budget": "2%", "batch_size": 32, "alpha": 0.5, "engine": "portable", "local_epochs": 1,
-                "skews": ["iid", "labels"], "seeds": [0], "name": "fleet"}  # fmt: skip
+                "skews": ["iid", "labels"], "seeds": [0], "name": "fleet", "aggregation": UPDATERS}  # fmt: skip
     keys = ["image_size", "per_class", "rounds", "val_per_class", "lr", *defaults]
     value = {k: " ".join(map(str, v)) if isinstance(v, list) else v for k, v in settings.items()}
     args = [f"--{k.replace('_', '-')} {value[k]}" for k in keys if settings[k] != defaults.get(k)]

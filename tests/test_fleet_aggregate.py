@@ -1,5 +1,6 @@
 """Aggregation of sparse client updates: per-entry example-weighted means over the clients that
-updated an entry, untouched entries bit-identical, the classifier FedAvg'd; malformed updates refused."""
+updated an entry (or of its change over all clients), untouched entries bit-identical, the classifier
+FedAvg'd; malformed updates refused."""
 
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ from edge_trady.core.layers import LayerCost
 from edge_trady.core.masks import channel_mask
 from edge_trady.core.slices import ChannelSlice
 from edge_trady.errors import FleetError
-from edge_trady.fleet.aggregate import ClientUpdate, SliceUpdate, aggregate, check_update, entry_mask, weight_layers
+from edge_trady.fleet.aggregate import (
+    ALL_CLIENTS,
+    UPDATERS,
+    ClientUpdate,
+    SliceUpdate,
+    aggregate,
+    check_update,
+    entry_mask,
+    weight_layers,
+)
 
 DENSE = LayerCost("conv", "conv", 6, 4, (3, 3), 1, (8, 8), (8, 8))
 DEPTHWISE = LayerCost("dw", "dwconv", 6, 6, (3, 3), 6, (8, 8), (8, 8))
@@ -46,8 +56,9 @@ def _input_channel_of_entries(layer: LayerCost) -> np.ndarray:
     return owner
 
 
-def _expected(state, updates) -> dict[str, np.ndarray]:
-    """Entry by entry: the example-weighted mean of the clients whose selection holds its channel."""
+def _expected(state, updates, over: str = UPDATERS) -> dict[str, np.ndarray]:
+    """Entry by entry: the example-weighted mean of the clients whose selection holds its channel;
+    ``ALL_CLIENTS``: of every client's value, the old one for a client that did not select it."""
     out = {name: array.copy() for name, array in state.items()}
     for name, layer in LAYERS.items():
         owner = _input_channel_of_entries(layer)
@@ -65,6 +76,10 @@ def _expected(state, updates) -> dict[str, np.ndarray]:
                     assert not np.isnan(full[index])
                     values.append(float(full[index]))
                     weights.append(update.examples)
+            if weights and over == ALL_CLIENTS:
+                others = sum(u.examples for u in updates) - sum(weights)
+                values.append(float(state[name][index]))
+                weights.append(others)
             if weights:
                 out[name][index] = np.float32(np.dot(values, weights) / sum(weights))
     for name in HEAD:
@@ -133,6 +148,34 @@ def test_weights_are_example_counts() -> None:
     np.testing.assert_allclose(result.state["head.bias"], (a.dense["head.bias"] + 3 * b.dense["head.bias"]) / 4, 1e-6)
 
 
+def test_all_clients_moves_an_entry_by_its_mean_change_over_every_client() -> None:
+    """Four clients of equal weight: an entry only one updated moves a quarter of its change, one
+    all four updated takes their mean (as with the default), an untouched one keeps its bits."""
+    rng = np.random.default_rng(4)
+    state = _state(rng)
+    updates = [_update(rng, 5, {"fc.weight": [0, 1] if k == 0 else [0]}) for k in range(4)]
+    default = aggregate(state, updates, LAYERS)
+    result = aggregate(state, updates, LAYERS, ALL_CLIENTS)
+    old, new = state["fc.weight"], result.state["fc.weight"]
+    lone = updates[0].slices["fc.weight"].values[:, 1]
+    np.testing.assert_allclose(new[:, 1], old[:, 1] + (lone - old[:, 1]) / 4, rtol=1e-6)
+    np.testing.assert_allclose(default.state["fc.weight"][:, 1], lone, rtol=0)
+    shared = np.mean([u.slices["fc.weight"].values[:, 0] for u in updates], axis=0)
+    np.testing.assert_allclose(new[:, 0], shared, rtol=1e-6)
+    np.testing.assert_allclose(default.state["fc.weight"][:, 0], shared, rtol=1e-6)
+    assert np.array_equal(new[:, 2:].view(np.uint32), old[:, 2:].view(np.uint32))
+    assert result.touched == default.touched
+    for name in HEAD:
+        assert np.array_equal(result.state[name], default.state[name])
+
+
+def test_an_unknown_aggregation_is_refused() -> None:
+    rng = np.random.default_rng(5)
+    state = _state(rng)
+    with pytest.raises(FleetError, match="unknown aggregation 'median'"):
+        aggregate(state, [_update(rng, 1, {})], LAYERS, "median")
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     seed=st.integers(0, 2**16),
@@ -142,15 +185,16 @@ def test_weights_are_example_counts() -> None:
         max_size=4,
     ),
 )
-def test_aggregate_matches_the_entry_by_entry_definition(seed: int, picks) -> None:
+@pytest.mark.parametrize("over", [UPDATERS, ALL_CLIENTS])
+def test_aggregate_matches_the_entry_by_entry_definition(over: str, seed: int, picks) -> None:
     rng = np.random.default_rng(seed)
     state = _state(rng)
     updates = []
     for examples, conv, fc in picks:
         chosen = {"dw.weight": sorted(conv), "fc.weight": sorted(fc)}
         updates.append(_update(rng, examples, {k: v for k, v in chosen.items() if v}))
-    result = aggregate(state, updates, LAYERS)
-    expected = _expected(state, updates)
+    result = aggregate(state, updates, LAYERS, over)
+    expected = _expected(state, updates, over)
     for name in state:
         np.testing.assert_allclose(result.state[name], expected[name], rtol=1e-6, atol=1e-7, err_msg=name)
 

@@ -82,7 +82,7 @@ def test_node_seed_is_stable_and_differs_between_nodes() -> None:
 
 
 def test_app_folder_passes_flowers_validation_and_carries_the_run_config(tmp_path: Path) -> None:
-    config = FleetConfig(artifact=str(tmp_path / "art"), out=str(tmp_path / "out"), rounds=3, val="fashion-mnist")
+    config = FleetConfig(str(tmp_path / "art"), str(tmp_path / "out"), rounds=3, val="fashion-mnist", aggregation="all")
     app = launch.write_app(tmp_path, config.to_run_config())
     assert app.name == launch.APP_NAME
     parsed, warnings = load_and_validate(app / "pyproject.toml", check_module=True)
@@ -139,8 +139,23 @@ def test_flower_processes_started_by_name_are_this_pythons(monkeypatch) -> None:
     assert path == ["/srv/device-venv/bin", "/opt/other-python/bin", "/usr/bin"]
 
 
-def _run(rounds: int = 3) -> FleetRun:
-    return FleetRun("ab" * 32, "mobilenetv2-w0.35", rounds, 1)
+def _run(rounds: int = 3, aggregation: str = "updaters") -> FleetRun:
+    return FleetRun("ab" * 32, "mobilenetv2-w0.35", rounds, 1, aggregation)
+
+
+def test_a_run_keeps_its_aggregation(tmp_path: Path) -> None:
+    """A restart with the other aggregation is another run; a fleet.json written before the option
+    existed is the default's; an unknown aggregation is refused at once."""
+    folder = RunFolder(tmp_path / "out")
+    folder.begin(_run(), {"w": np.ones(3, np.float32)})
+    with pytest.raises(FleetError, match="aggregation 'updaters' \\(now 'all'\\)"):
+        folder.check(_run(aggregation="all"))
+    saved = json.loads((tmp_path / "out" / "fleet.json").read_text())
+    assert saved.pop("aggregation") == "updaters"
+    (tmp_path / "out" / "fleet.json").write_text(json.dumps(saved))
+    assert folder.check(_run()) == 0
+    with pytest.raises(FleetError, match="unknown aggregation 'mean'"):
+        FleetConfig("/a", "/o", aggregation="mean")
 
 
 def test_run_folder_resumes_refuses_another_run_and_a_finished_one(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import click
 
 from ..device.loop import Stopped
 from ..errors import FleetError
+from ..fleet.aggregate import AGGREGATIONS, UPDATERS
 
 
 @click.group("fleet")
@@ -19,7 +20,8 @@ def command() -> None:
     """Fleet fine-tuning: many devices train one model together over Flower 1.42.
 
     Each device trains the same artifact on its own data and sends back only the channel slices it
-    updated; the server averages every weight entry over the devices that updated it. On the
+    updated; the server averages every weight entry over the devices that updated it (or, with
+    'fleet server --aggregation all', its change over all devices of the round). On the
     workstation: 'edge-trady fleet server'; on each device: 'edge-trady fleet node'. See
     docs/fleet.md.
     """
@@ -56,6 +58,14 @@ def _tls_options(fn):
     "--wait-for", type=click.IntRange(1), default=None, help="Nodes to wait for before round 1. Default: --min-clients."
 )
 @click.option("--attempts", type=click.IntRange(1), default=3, show_default=True, help="Tries of a short round.")
+@click.option(
+    "--aggregation",
+    type=click.Choice(AGGREGATIONS),
+    default=UPDATERS,
+    show_default=True,
+    help="An entry's new value: the mean over the clients that updated it, or its change averaged over all "
+    "clients of the round (no update counts as no change: full-model FedAvg's mean). See docs/fleet.md.",
+)
 @click.option("--val", default=None, help="Data to evaluate the global model on after each round (server side).")
 @click.option("--val-per-class", type=click.IntRange(1), default=None)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address the SuperLink listens on.")
@@ -85,6 +95,7 @@ def server(
     wait_timeout: float,
     wait_for: int | None,
     attempts: int,
+    aggregation: str,
     val: str | None,
     val_per_class: int | None,
     host: str,
@@ -130,11 +141,12 @@ def server(
         wait_timeout=wait_timeout,
         wait_for=wait_for or 0,
         attempts=attempts,
+        aggregation=aggregation,
         val=val or "",
         val_per_class=val_per_class or 0,
     )
     folder = RunFolder(out)
-    done = folder.check(FleetRun(manifest.artifact_sha256, manifest.plan.model, rounds, local_epochs))
+    done = folder.check(FleetRun(manifest.artifact_sha256, manifest.plan.model, rounds, local_epochs, aggregation))
     flower = out / FLOWER_DIR
     app = launch.write_app(flower, config.to_run_config())
     home = flower / "home"
@@ -144,6 +156,7 @@ def server(
     say(
         f"fleet: {manifest.plan.model}, artifact {manifest.artifact_sha256[:12]}, {rounds} rounds of "
         f"{local_epochs} epoch(s), >= {min_clients} clients"
+        + ("" if aggregation == UPDATERS else f", entries averaged over {aggregation} clients")
         + (f"; continuing after round {done}" if done else "")
         + f"; Flower logs in {flower / 'logs'}"
     )

@@ -19,6 +19,9 @@ from ..core.layers import LayerCost
 from ..core.slices import ChannelSlice
 from ..errors import FleetError
 
+UPDATERS, ALL_CLIENTS = "updaters", "all"  # whose examples weigh an entry's new value
+AGGREGATIONS = (UPDATERS, ALL_CLIENTS)
+
 
 @dataclass
 class SliceUpdate:
@@ -97,11 +100,18 @@ def check_update(update: ClientUpdate, state: Mapping[str, np.ndarray], layers: 
 
 
 def aggregate(
-    state: Mapping[str, np.ndarray], updates: Sequence[ClientUpdate], layers: Mapping[str, LayerCost]
+    state: Mapping[str, np.ndarray],
+    updates: Sequence[ClientUpdate],
+    layers: Mapping[str, LayerCost],
+    over: str = UPDATERS,
 ) -> RoundAggregate:
-    """The new global state from checked ``updates`` (``check_update``) of the round."""
+    """The new global state from checked ``updates`` (``check_update``) of the round; ``over``:
+    ``UPDATERS`` or ``ALL_CLIENTS`` (module docstring)."""
     if not updates:
         raise FleetError("no update to aggregate")
+    if over not in AGGREGATIONS:
+        raise FleetError(f"unknown aggregation {over!r}; choose from {', '.join(AGGREGATIONS)}")
+    examples = sum(u.examples for u in updates)
     new = {name: array.copy() for name, array in state.items()}
     touched: dict[str, int] = {}
     for name, layer in layers.items():
@@ -115,6 +125,9 @@ def aggregate(
             entries.add_(total, update.examples * part.values.astype(np.float64))
             entries.add_(weight, np.full(entries.shape, float(update.examples)))
         hit = weight > 0
+        if over == ALL_CLIENTS:  # the clients that did not update an entry keep its old value
+            total[hit] += (examples - weight[hit]) * state[name][hit].astype(np.float64)
+            weight[hit] = examples
         new[name][hit] = (total[hit] / weight[hit]).astype(np.float32)
         touched[name] = int(hit.sum())
     dense = sorted({name for update in updates for name in update.dense})
@@ -123,6 +136,6 @@ def aggregate(
         if len(senders) != len(updates):
             raise FleetError(f"{name}: only {len(senders)} of {len(updates)} updates carry it")
         total = sum(u.examples * u.dense[name].astype(np.float64) for u in senders)
-        new[name] = (total / sum(u.examples for u in senders)).astype(np.float32)
+        new[name] = (total / examples).astype(np.float32)
         touched[name] = new[name].size
-    return RoundAggregate(new, len(updates), sum(u.examples for u in updates), touched)
+    return RoundAggregate(new, len(updates), examples, touched)

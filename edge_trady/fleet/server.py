@@ -27,7 +27,7 @@ from ..device.loop import evaluate
 from ..device.manifest import Manifest, ModelInfo
 from ..device.runner import check_data
 from ..errors import EdgeTradyError, FleetError
-from .aggregate import ClientUpdate, aggregate, check_update, weight_layers
+from .aggregate import AGGREGATIONS, UPDATERS, ClientUpdate, aggregate, check_update, weight_layers
 from .engines import FORMAT_ENGINES, open_engine
 from .protocol import INFO, REPORT, UPDATE, decode_update, encode_state, read_report, train_content
 from .state import MODEL_FILE, SUMMARY_FILE, FleetRun, RunFolder
@@ -52,10 +52,13 @@ class FleetConfig:
     attempts: int = 3  # tries of a round that got fewer than min_clients updates
     val: str = ""  # data the server evaluates the global model on after each round
     val_per_class: int = 0
+    aggregation: str = UPDATERS  # an entry's mean over the clients that updated it, or over all (aggregate.py)
 
     def __post_init__(self) -> None:
         if min(self.rounds, self.local_epochs, self.min_clients, self.attempts) < 1:
             raise FleetError("rounds, local epochs, minimum clients and attempts must be >= 1")
+        if self.aggregation not in AGGREGATIONS:
+            raise FleetError(f"unknown aggregation {self.aggregation!r}; choose from {', '.join(AGGREGATIONS)}")
         if not (Path(self.artifact).is_absolute() and Path(self.out).is_absolute()):
             raise FleetError("the run config's artifact and out must be absolute paths")
 
@@ -92,7 +95,10 @@ class FleetServer:
 
     @property
     def run_spec(self) -> FleetRun:
-        return FleetRun(self.manifest.artifact_sha256, self.plan.model, self.config.rounds, self.config.local_epochs)
+        config = self.config
+        return FleetRun(
+            self.manifest.artifact_sha256, self.plan.model, config.rounds, config.local_epochs, config.aggregation
+        )
 
     def run(self, grid: Grid) -> dict:
         """Every remaining round; returns the summary."""
@@ -134,7 +140,7 @@ class FleetServer:
             updates, record = self.read_replies(replies, state)
             record.update(round=number, attempt=attempt, nodes=len(nodes), downlink_bytes=downlink.count_bytes())
             if len(updates) >= self.config.min_clients:
-                result = aggregate(state, updates, self.layers)
+                result = aggregate(state, updates, self.layers, self.config.aggregation)
                 record.update(
                     touched=result.touched,
                     touched_entries=sum(result.touched.values()),

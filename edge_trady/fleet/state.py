@@ -1,6 +1,6 @@
 """The server's run folder: what a restarted server continues from.
 
-    fleet.json         what defines the run (artifact hash, rounds, local epochs): a restart must match
+    fleet.json         what defines the run (artifact hash, rounds, local epochs, aggregation): a restart must match
     global/round-NNNN.npz   the global trainable state after round N (0: the artifact's), atomic
     rounds.jsonl       one line per finished round (0: the initial evaluation), appended after its npz
     status.json        running / finished / failed (+ error), for the operator and the CLI
@@ -20,6 +20,7 @@ import numpy as np
 
 from ..core.atomic import append_line, replacing, write_json, write_text
 from ..errors import FleetError
+from .aggregate import UPDATERS
 
 RUN_FILE = "fleet.json"
 ROUNDS_LOG = "rounds.jsonl"
@@ -38,6 +39,7 @@ class FleetRun:
     model: str
     rounds: int
     local_epochs: int
+    aggregation: str = UPDATERS  # the default (a run folder written before the option has none)
 
 
 class RunFolder:
