@@ -5,7 +5,9 @@ the new values of the weight entries of those channels (a ``core.slices.ChannelS
 ``W[:, S]``, grouped / depthwise conv the rows of each channel's group, linear ``W[:, S]``), plus
 the whole classifier. Per weight entry, the new global value is the example-weighted mean of the
 values of the clients that updated that entry; an entry no client touched keeps its value bit for
-bit. The classifier (sent by every client) is plain FedAvg over all of them.
+bit. The classifier (sent by every client) is plain FedAvg over all of them. With ``ALL_CLIENTS``
+an updated entry's change is averaged over every client of the round instead (a client that did not
+update it counts as no change: full-model FedAvg's mean); untouched entries still keep their bits.
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ from ..errors import FleetError
 
 UPDATERS, ALL_CLIENTS = "updaters", "all"  # whose examples weigh an entry's new value
 AGGREGATIONS = (UPDATERS, ALL_CLIENTS)
+
+
+def check_aggregation(name: str) -> None:
+    """Raise FleetError unless ``name`` is one of ``AGGREGATIONS``."""
+    if name not in AGGREGATIONS:
+        raise FleetError(f"unknown aggregation {name!r}; choose from {', '.join(AGGREGATIONS)}")
 
 
 @dataclass
@@ -109,8 +117,7 @@ def aggregate(
     ``UPDATERS`` or ``ALL_CLIENTS`` (module docstring)."""
     if not updates:
         raise FleetError("no update to aggregate")
-    if over not in AGGREGATIONS:
-        raise FleetError(f"unknown aggregation {over!r}; choose from {', '.join(AGGREGATIONS)}")
+    check_aggregation(over)
     examples = sum(u.examples for u in updates)
     new = {name: array.copy() for name, array in state.items()}
     touched: dict[str, int] = {}

@@ -27,7 +27,7 @@ from ..device.loop import evaluate
 from ..device.manifest import Manifest, ModelInfo
 from ..device.runner import check_data
 from ..errors import EdgeTradyError, FleetError
-from .aggregate import AGGREGATIONS, UPDATERS, ClientUpdate, aggregate, check_update, weight_layers
+from .aggregate import UPDATERS, ClientUpdate, aggregate, check_aggregation, check_update, weight_layers
 from .engines import FORMAT_ENGINES, open_engine
 from .protocol import INFO, REPORT, UPDATE, decode_update, encode_state, read_report, train_content
 from .state import MODEL_FILE, SUMMARY_FILE, FleetRun, RunFolder
@@ -57,8 +57,7 @@ class FleetConfig:
     def __post_init__(self) -> None:
         if min(self.rounds, self.local_epochs, self.min_clients, self.attempts) < 1:
             raise FleetError("rounds, local epochs, minimum clients and attempts must be >= 1")
-        if self.aggregation not in AGGREGATIONS:
-            raise FleetError(f"unknown aggregation {self.aggregation!r}; choose from {', '.join(AGGREGATIONS)}")
+        check_aggregation(self.aggregation)
         if not (Path(self.artifact).is_absolute() and Path(self.out).is_absolute()):
             raise FleetError("the run config's artifact and out must be absolute paths")
 
