@@ -7,9 +7,9 @@ one local epoch on IID and on label-skewed (Dirichlet alpha) disjoint partitions
 (``edge-trady run`` on the same artifact, or ``edge-trady finetune --plan`` for torch-sparse) trains
 as many epochs on the union of the nodes' training images, with the same plan (lr, schedule, seed).
 Accuracy: the same test images (Fashion-MNIST t10k, VAL_PER_CLASS per class) after every round /
-epoch. Bytes: what each node's reply carried (Flower ``ArrayRecord.count_bytes``) against a
-full-model FedAvg reply (the model's ``state_dict`` as one ArrayRecord, what Flower's PyTorch
-examples send).
+epoch (``--evaluate-on held-out``: the nodes' held-out training images instead, to choose the lr).
+Bytes: what each node's reply carried (Flower ``ArrayRecord.count_bytes``) against a full-model
+FedAvg reply (the model's ``state_dict`` as one ArrayRecord, what Flower's PyTorch examples send).
 
     nice -n 10 python bench/fleet.py --image-size 32 --per-class 100 --rounds 6 --seeds 0 1 2
 
@@ -59,12 +59,20 @@ def main() -> None:
     # collapses to uniform predictions); at 4 local epochs they leave the fleet 6-7 points below
     # centralized, 0.01 (the project's ranking lr) 2.2 (docs/fleet.md, "Benchmark").
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--central-lr", type=float, default=None,
+                        help="the centralized run's own lr (its own plan, same seed). Default: --lr")  # fmt: skip
     parser.add_argument("--aggregation", choices=AGGREGATIONS, default=UPDATERS,
                         help="the server's (edge-trady fleet server --aggregation)")  # fmt: skip
     parser.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the label skew")
-    parser.add_argument("--val-per-class", type=int, default=100)
+    parser.add_argument("--val-per-class", type=int, default=100, help="test images per class (--evaluate-on test)")
+    parser.add_argument("--evaluate-on", choices=["test", "held-out"], default="test",
+                        help="score every round on the test images, or on the nodes' held-out training images "
+                        "(each node's validation split, never trained on): to choose a learning rate")  # fmt: skip
     parser.add_argument("--engine", choices=["portable", "torch-sparse"], default="portable", help="of every run")
     parser.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temp folder)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="replay the fleet's rounds in this process (each node's train_round, then the "
+                        "server's aggregate; no Flower processes): the same accuracies, for lr sweeps")  # fmt: skip
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="fleet-bench-"))
     rows, summary = [], {"settings": vars(args) | {"work": str(work)}, "fleets": {}}
@@ -92,7 +100,11 @@ def run_seed(work: Path, seed: int, args: argparse.Namespace, fleets: dict) -> l
     for skew in args.skews:
         parts = write_partitions("fashion-mnist", args.nodes, work / f"parts-{skew}", args.image_size, skew,
                                  args.per_class, args.alpha, seed)  # fmt: skip
-        records, restarts = run_fleet(work / f"fleet-{skew}", artifact, [p.path for p in parts], args)
+        val = evaluation_data(work, args) if args.evaluate_on == "held-out" else None
+        fleet = replay_fleet if args.in_process else run_fleet
+        folder = work / "-".join([f"fleet-{skew}", *([args.aggregation] if args.aggregation != UPDATERS else []),
+                                  *(["in-process"] if args.in_process else [])])  # fmt: skip
+        records, restarts = fleet(folder, artifact, [p.path for p in parts], val, args)
         fleets[f"{skew}-seed-{seed}"] = {"per_node_per_class": [p.per_class for p in parts],
                                          "server_restarts": restarts,
                                          "round_attempts": [r.get("attempt", 1) for r in records[1:]]}  # fmt: skip
@@ -105,14 +117,37 @@ def run_seed(work: Path, seed: int, args: argparse.Namespace, fleets: dict) -> l
                 "entries_updated": record.get("touched_entries", 0), "clients": len(clients),
             })  # fmt: skip
     union = union_data(work / f"parts-{args.skews[0]}", args.nodes, args.image_size, work / "union.npz")
-    for epoch in centralized(work / "central", artifact, union, args):
+    central, central_artifact = work / "central", artifact
+    if args.central_lr not in (None, args.lr):  # the same plan (seed, draws, order) at its own lr
+        own = work / f"central-lr{args.central_lr:g}"
+        central, central_artifact = (
+            own / "run",
+            make_artifact(own, args.image_size, args.budget, args.batch_size, args.central_lr, seed=seed),
+        )
+    for epoch in centralized(central, central_artifact, union, args):
         rows.append({"seed": seed, "setting": "centralized", "round": epoch["epoch"] // args.local_epochs,
                      "val_acc": epoch["val_acc"], "uplink_bytes_per_client": 0, "downlink_bytes_per_client": 0,
                      "entries_updated": 0, "clients": 1})  # fmt: skip
     return rows
 
 
-def run_fleet(root: Path, artifact: Path, parts: list[Path], args: argparse.Namespace) -> tuple[list[dict], int]:
+def evaluation_data(work: Path, args: argparse.Namespace) -> Path:
+    """The held-out images (``--evaluate-on held-out``): the validation splits of the first skew's
+    nodes, which neither the fleet nor the centralized run trains on (``union.npz``'s ``x_val``)."""
+    return union_data(work / f"parts-{args.skews[0]}", args.nodes, args.image_size, work / "union.npz")
+
+
+def val_spec(union: Path | None, args: argparse.Namespace) -> list[str]:
+    """What the server and the centralized run score on (the value of ``--val`` and its options):
+    test images, or the held-out ones."""
+    if args.evaluate_on == "held-out":
+        return [str(union)]
+    return ["fashion-mnist", "--val-per-class", str(args.val_per_class)]
+
+
+def run_fleet(
+    root: Path, artifact: Path, parts: list[Path], val: Path | None, args: argparse.Namespace
+) -> tuple[list[dict], int]:
     """The fleet's round records and how often its server was restarted: on a loaded machine the
     SuperLink's SQLite database can stay locked long enough to fail a run; the server is then started
     again on the same run folder and continues after its last saved round (the nodes stay up)."""
@@ -122,9 +157,8 @@ def run_fleet(root: Path, artifact: Path, parts: list[Path], args: argparse.Name
         return folder.records(), 0
     fleet = Fleet(root)
     options = ["--rounds", str(args.rounds), "--local-epochs", str(args.local_epochs), "--min-clients",
-               str(args.nodes), "--wait-for", str(args.nodes), "--val", "fashion-mnist", "--val-per-class",
-               str(args.val_per_class), "--round-timeout", "1800", "--wait-timeout", "600",
-               "--aggregation", args.aggregation]  # fmt: skip
+               str(args.nodes), "--wait-for", str(args.nodes), "--val", *val_spec(val, args), "--round-timeout", "1800",
+               "--wait-timeout", "600", "--aggregation", args.aggregation]  # fmt: skip
     try:
         for restart in range(SERVER_RESTARTS + 1):
             label = f"server-{restart}"
@@ -138,6 +172,46 @@ def run_fleet(root: Path, artifact: Path, parts: list[Path], args: argparse.Name
         raise AssertionError(f"{root.name}: the server failed {SERVER_RESTARTS + 1} times\n{fleet.logs()}")
     finally:
         fleet.close()
+
+
+def replay_fleet(
+    root: Path, artifact: Path, parts: list[Path], val: Path | None, args: argparse.Namespace
+) -> tuple[list[dict], int]:
+    """``run_fleet``'s round records from the same code without Flower: every node's
+    ``client.train_round`` (same names, hence seeds and selections) on the round's global state,
+    one after the other, then ``aggregate``; the server's evaluation. No faults, no restarts."""
+    from edge_trady.fleet.aggregate import aggregate
+    from edge_trady.fleet.client import NodeSettings, train_round
+    from edge_trady.fleet.protocol import encode_state, encode_update
+    from edge_trady.fleet.server import FleetConfig, FleetServer
+    from edge_trady.fleet.task import RoundTask
+
+    spec = val_spec(val, args)
+    config = FleetConfig(
+        artifact=str(artifact.resolve()), out=str((root / "out").resolve()), rounds=args.rounds,
+        local_epochs=args.local_epochs, min_clients=args.nodes, aggregation=args.aggregation, val=spec[0],
+        val_per_class=args.val_per_class if len(spec) > 1 else 0,
+    )  # fmt: skip
+    server = FleetServer(config, log=lambda line: None)
+    state = server.engine.trainable_state()
+    records = [{"round": 0, **server.evaluate_state(state)}]
+    for number in range(1, args.rounds + 1):
+        task = RoundTask(number, args.rounds, args.local_epochs, server.manifest.artifact_sha256)
+        updates = []
+        for index, data in enumerate(parts):
+            node = f"node{index}"  # run_fleet's names
+            settings = NodeSettings(node, artifact, str(data), root / "nodes" / node, engine=args.engine)
+            updates.append(train_round(settings, task, state)[0])
+        result = aggregate(state, updates, server.layers, args.aggregation)
+        state = result.state
+        records.append({
+            "round": number, **server.evaluate_state(state),
+            "clients": [{"uplink_bytes": encode_update(u).count_bytes()} for u in updates],
+            "downlink_bytes": encode_state(state).count_bytes(), "touched_entries": sum(result.touched.values()),
+        })  # fmt: skip
+        print(f"{root.name}: round {number}/{args.rounds} val_acc {records[-1].get('val_acc', float('nan')):.4f}",
+              flush=True)  # fmt: skip
+    return records, 0
 
 
 def union_data(parts: Path, nodes: int, image_size: int, path: Path) -> Path:
@@ -159,7 +233,7 @@ def centralized(out: Path, artifact: Path, union: Path, args: argparse.Namespace
     ``edge-trady run`` (portable) or ``edge-trady finetune --plan`` (torch-sparse)."""
     if not (out / "summary.json").is_file():
         epochs = str(args.rounds * args.local_epochs)
-        val = ["fashion-mnist", "--val-per-class", str(args.val_per_class), "--epochs", epochs]
+        val = [*val_spec(union, args), "--epochs", epochs]
         common = ["--per-class", "1000000", "--out", str(out), "--quiet"]
         if args.engine == "portable":
             cli("run", str(artifact), "--train", str(union), "--val", *val, *common)
@@ -215,11 +289,11 @@ def report(summary: dict) -> str:
     s = summary["settings"]
     seeds = s["seeds"]
     lines = [
-        f"EfficientNet-Lite0 {s['image_size']} px, trady {s['budget']}, batch {s['batch_size']}, lr {s['lr']} "
-        f"(fleet and centralized), {s['nodes']} nodes, {s['rounds']} rounds x {s['local_epochs']} local epoch(s) "
+        f"EfficientNet-Lite0 {s['image_size']} px, trady {s['budget']}, batch {s['batch_size']}, {lrs(s)}, "
+        f"{s['nodes']} nodes, {s['rounds']} rounds x {s['local_epochs']} local epoch(s) "
         f"(centralized: {s['rounds'] * s['local_epochs']} epochs), aggregation '{s['aggregation']}', "
         f"{s['per_class']} images/class in all; "
-        f"accuracy on {10 * s['val_per_class']} Fashion-MNIST test images; seeds {', '.join(map(str, seeds))}",
+        f"accuracy on {scored(s)}; seeds {', '.join(map(str, seeds))}",
         "",
         "| setting | " + " | ".join(f"seed {seed}" for seed in seeds) + " | mean | gap to centralized (mean) "
         "| uplink per client per round | vs full-model FedAvg |",
@@ -244,13 +318,29 @@ def report(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def lrs(settings: dict) -> str:
+    central = settings.get("central_lr")
+    if central in (None, settings["lr"]):
+        return f"lr {settings['lr']} (fleet and centralized)"
+    return f"lr {settings['lr']} (fleet), {central} (centralized)"
+
+
+def scored(settings: dict) -> str:
+    """What the accuracies were measured on."""
+    if settings.get("evaluate_on") == "held-out":
+        return "the nodes' held-out training images (validation splits; for choosing the lr, not test images)"
+    return f"{10 * settings['val_per_class']} Fashion-MNIST test images"
+
+
 def command_line(settings: dict) -> str:
     """The command that reproduces a summary's settings."""
     defaults = {"nodes": 4, "budget": "2%", "batch_size": 32, "alpha": 0.5, "engine": "portable", "local_epochs": 1,
-                "skews": ["iid", "labels"], "seeds": [0], "name": "fleet", "aggregation": UPDATERS}  # fmt: skip
+                "skews": ["iid", "labels"], "seeds": [0], "name": "fleet", "aggregation": UPDATERS,
+                "evaluate_on": "test", "central_lr": None, "in_process": False}  # fmt: skip
     keys = ["image_size", "per_class", "rounds", "val_per_class", "lr", *defaults]
     value = {k: " ".join(map(str, v)) if isinstance(v, list) else v for k, v in settings.items()}
-    args = [f"--{k.replace('_', '-')} {value[k]}" for k in keys if settings[k] != defaults.get(k)]
+    changed = [k for k in keys if settings.get(k, defaults.get(k)) != defaults.get(k)]
+    args = [f"--{k.replace('_', '-')}" + ("" if value[k] is True else f" {value[k]}") for k in changed]
     return "nice -n 10 python bench/fleet.py " + " ".join(args)
 
 
@@ -283,7 +373,7 @@ def plot(rows: list[dict], summary: dict, path: Path) -> None:
         if len(seeds) > 1:
             left.fill_between(rounds, curves.min(0), curves.max(0), color=f"C{color}", alpha=0.2)
     left.set_xlabel("round")
-    left.set_ylabel("test accuracy")
+    left.set_ylabel("held-out accuracy" if summary["settings"]["evaluate_on"] == "held-out" else "test accuracy")
     left.grid(alpha=0.3)
     left.legend()
     uplink = summary["uplink_bytes_per_client_round"]

@@ -21,6 +21,7 @@ its checkpoint. ``--jobs 2`` runs two at a time. Then the report:
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -34,6 +35,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from benchlib import RESULTS, ROOT, ensure_ranking
+
+from edge_trady.core.atomic import write_text
 
 OUT = RESULTS / "reproduce"
 RUNS = RESULTS / "runs" / "reproduce"
@@ -181,7 +184,20 @@ def pending(settings: list[Setting]) -> Iterator[Job]:
             yield from sweeps
 
 
+def setting_ranking(setting: Setting) -> Path:
+    """The layer ranking every run of ``setting`` plans with (computed once, by the first caller)."""
+    return ensure_ranking(
+        setting.image_size,
+        per_class=50,
+        seed=100,
+        model=setting.model,
+        path=OUT / f"ranking-{setting.model}-{setting.image_size}px.json",
+    )
+
+
 def drive(settings: list[Setting], jobs: int) -> None:
+    for setting in {job.setting for job in pending(settings)}:  # here, not in two workers at once
+        setting_ranking(SETTINGS[setting])
     running: dict[str, tuple[Job, subprocess.Popen, float]] = {}
     while True:
         todo = list({job.key + job.setting: job for job in pending(settings)}.values())
@@ -262,13 +278,7 @@ def run_job(job: Job) -> dict:
     job.run_dir.mkdir(parents=True, exist_ok=True)
     (job.run_dir / PID_FILE).write_text(str(os.getpid()))
     setting = SETTINGS[job.setting]
-    ranking = ensure_ranking(
-        setting.image_size,
-        per_class=50,
-        seed=100,
-        model=setting.model,
-        path=OUT / f"ranking-{setting.model}-{setting.image_size}px.json",
-    )
+    ranking = setting_ranking(setting)
     if job.phase == "sweep":
         data = {"data": str(held_out_data(job.seed)), "per_class": None}
     else:
@@ -529,7 +539,7 @@ def write_report(settings: list[Setting]) -> None:
     report = ROOT / "docs" / "reproduction.md"
     old = report.read_text() if report.exists() else ""
     tail = old.split(GENERATED_END, 1)[1] if GENERATED_END in old else "\n"
-    report.write_text("\n".join(body) + tail)
+    write_text(report, "\n".join(body) + tail)
     write_csv(settings)
     if main_cells:
         plot_memory(main_cells, RESULTS / "reproduce.png")
@@ -545,10 +555,11 @@ def write_csv(settings: list[Setting]) -> None:
     for setting in settings:
         rows += sweep_rows(setting.name)
         rows += [r for cell in finals(setting.name).values() for r in cell.values()]
-    with (RESULTS / "reproduce.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fields, extrasaction="ignore", lineterminator="\r\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(RESULTS / "reproduce.csv", table.getvalue())
 
 
 def plot_memory(cells: dict, path: Path) -> None:

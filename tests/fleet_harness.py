@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -18,11 +19,26 @@ import psutil
 
 from edge_trady.fleet.launch import stop
 
+# Ports below the kernel's ephemeral range (32768-60999): a port the kernel picks for ``bind(0)`` or for
+# an outgoing connection (a node's to its SuperLink) can be handed out again before the process it
+# was meant for binds it, which once failed a node's runtime API with "address already in use".
+PORTS = range(20000, 32768)
+_given: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A loopback port no earlier call returned and nothing listens on now."""
+    for port in random.sample(PORTS, len(PORTS)):
+        if port in _given:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _given.add(port)
+        return port
+    raise RuntimeError(f"no free port in {PORTS.start}-{PORTS.stop - 1}")
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -106,13 +106,13 @@ class FleetServer:
         state = self.folder.load_state(done, initial)
         self.folder.set_status("running", round=done, rounds=self.config.rounds)
         if done == 0 and not self.folder.records():
-            self.folder.log_round({"round": 0, **self._evaluate(state)})
+            self.folder.log_round({"round": 0, **self.evaluate_state(state)})
         elif done:
             self.log(f"fleet: continuing after round {done}/{self.config.rounds} from {self.folder.out}")
         self.wait_for_nodes(grid, max(self.config.wait_for, self.config.min_clients))
         for number in range(done + 1, self.config.rounds + 1):
             state, record = self.round(grid, number, state)
-            record.update(self._evaluate(state))
+            record.update(self.evaluate_state(state))
             self.folder.save_state(number, state)
             self.folder.log_round(record)
             self.folder.set_status("running", round=number, rounds=self.config.rounds)
@@ -279,7 +279,8 @@ class FleetServer:
         check_data(data, plan.num_classes, self.manifest.class_names, plan.image_size)
         return data
 
-    def _evaluate(self, state: dict[str, np.ndarray]) -> dict:
+    def evaluate_state(self, state: dict[str, np.ndarray]) -> dict:
+        """The global model's loss and accuracy on the server's --val data ({} without)."""
         if self.val is None:
             return {}
         self.engine.load_trainable_state(state)
