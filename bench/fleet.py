@@ -54,10 +54,8 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=60, help="images per class, split across the nodes")
     parser.add_argument("--budget", default="2%")
     parser.add_argument("--batch-size", type=int, default=32)
-    # The same lr for the fleet and the centralized run. At 1 local epoch the paper's 0.125 (and 0.05)
-    # diverge here in round 1 (4 steps per client per round, client losses 5-10, the averaged model
-    # collapses to uniform predictions); at 4 local epochs they leave the fleet 6-7 points below
-    # centralized, 0.01 (the project's ranking lr) 2.2 (docs/fleet.md, "Benchmark").
+    # The fleet's lr (and the centralized run's, unless --central-lr). Which lr suits which
+    # aggregation rule and data size: docs/fleet.md, "Benchmark" (chosen with --evaluate-on held-out).
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--central-lr", type=float, default=None,
                         help="the centralized run's own lr (its own plan, same seed). Default: --lr")  # fmt: skip

@@ -3,6 +3,7 @@ Flower processes on 127.0.0.1 (the tests' harness) with the peak memory of every
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
 from collections import defaultdict
@@ -31,7 +32,13 @@ def make_plan(
     ``seed``: the plan's (classifier initialisation, channel draws, batch order)."""
     work.mkdir(parents=True, exist_ok=True)
     plan = work / f"plan-{engine}.json"
-    if not plan.is_file():
+    if plan.is_file():  # an earlier call's, with the same --work: it must be the plan asked for
+        made = json.loads(plan.read_text())
+        asked = {"lr": lr, "seed": seed, "image_size": image_size, "batch_size": batch_size}
+        differs = {k: (made.get(k), v) for k, v in asked.items() if made.get(k) != v}
+        if differs:
+            raise SystemExit(f"{plan} was made with other settings {differs} (made, asked): use another --work")
+    else:
         cli("plan", "--model", "efficientnet-lite0", "--image-size", str(image_size), "--profile",
             "this-workstation", "--engine", engine, "--budget", budget, "--batch-size", str(batch_size), "--lr",
             str(lr), "--data", "fashion-mnist", "--per-class", str(per_class), "--ranking",

@@ -97,12 +97,19 @@ SETTINGS: dict[str, Setting] = {
             final=CORE,
             last=("full-frozen-bn",),
         ),
-        Setting("lite0-32", "efficientnet-lite0", 32, ("classifier-only", "full", "trady", "d-full-random")),
+        Setting(
+            "lite0-32",
+            "efficientnet-lite0",
+            32,
+            ("classifier-only", "full", "trady", "d-full-random"),
+            final=("classifier-only", "full", "trady"),
+        ),
         Setting(
             "lite1-64",
             "efficientnet-lite1",
             64,
             ("classifier-only", "full", "trady", "d-full-random"),
+            final=("classifier-only", "full", "trady"),
             lr_from="lite0-64",
         ),
     ]
@@ -164,18 +171,24 @@ def chosen_lr(setting: Setting, method: str, budget: str) -> tuple[float | None,
             return best, []
 
 
+def priority_groups(setting: Setting) -> list[list[tuple[str, str]]]:
+    """(method, budget) pairs of ``setting`` in four groups: the final methods at the main budget,
+    the other methods at it, the extra budgets, the methods run last."""
+    main = [(m, "-" if m in REFERENCES else MAIN_BUDGET) for m in setting.methods]
+    first = [c for c in main if setting.final is None or c[0] in setting.final]
+    extra = [(m, b) for m in setting.methods for b in setting.budgets.get(m, ())]
+    last = [(m, "-" if m in REFERENCES else MAIN_BUDGET) for m in setting.last]
+    return [first, [c for c in main if c not in first], extra, last]
+
+
 def pending(settings: list[Setting]) -> Iterator[Job]:
-    """Runs still missing in priority order: per setting, the final methods at the main budget
-    (the final runs of those whose lr is chosen, then the sweeps still needed), then every other
-    method and budget the same way."""
-    for setting in settings:
-        main = [(m, "-" if m in REFERENCES else MAIN_BUDGET) for m in setting.methods]
-        first = [c for c in main if setting.final is None or c[0] in setting.final]
-        extra = [(m, b) for m in setting.methods for b in setting.budgets.get(m, ())]
-        last = [(m, "-" if m in REFERENCES else MAIN_BUDGET) for m in setting.last]
-        for group in (first, [c for c in main if c not in first], extra, last):
+    """Runs still missing in priority order: every setting's first group (``priority_groups``), then
+    every setting's second, and so on; in a group the final runs of the methods whose lr is chosen,
+    then the sweeps still needed."""
+    for rank in range(4):
+        for setting in settings:
             sweeps: list[Job] = []
-            for method, budget in group:
+            for method, budget in priority_groups(setting)[rank]:
                 lr, sweep = chosen_lr(setting, method, budget)
                 sweeps += sweep
                 if lr is not None:
