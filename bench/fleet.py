@@ -98,7 +98,8 @@ def run_seed(work: Path, seed: int, args: argparse.Namespace, fleets: dict) -> l
     for skew in args.skews:
         parts = write_partitions("fashion-mnist", args.nodes, work / f"parts-{skew}", args.image_size, skew,
                                  args.per_class, args.alpha, seed)  # fmt: skip
-        val = evaluation_data(work, args) if args.evaluate_on == "held-out" else None
+        # --evaluate-on held-out: the first skew's nodes' validation splits (union.npz's x_val)
+        val = union_data(work / f"parts-{args.skews[0]}", args.nodes, args.image_size, work / "union.npz")
         fleet = replay_fleet if args.in_process else run_fleet
         folder = work / "-".join([f"fleet-{skew}", *([args.aggregation] if args.aggregation != UPDATERS else []),
                                   *(["in-process"] if args.in_process else [])])  # fmt: skip
@@ -114,7 +115,7 @@ def run_seed(work: Path, seed: int, args: argparse.Namespace, fleets: dict) -> l
                 "downlink_bytes_per_client": record.get("downlink_bytes", 0),
                 "entries_updated": record.get("touched_entries", 0), "clients": len(clients),
             })  # fmt: skip
-    union = union_data(work / f"parts-{args.skews[0]}", args.nodes, args.image_size, work / "union.npz")
+    union = work / "union.npz"  # written with the first skew's partitions
     central, central_artifact = work / "central", artifact
     if args.central_lr not in (None, args.lr):  # the same plan (seed, draws, order) at its own lr
         own = work / f"central-lr{args.central_lr:g}"
@@ -129,22 +130,16 @@ def run_seed(work: Path, seed: int, args: argparse.Namespace, fleets: dict) -> l
     return rows
 
 
-def evaluation_data(work: Path, args: argparse.Namespace) -> Path:
-    """The held-out images (``--evaluate-on held-out``): the validation splits of the first skew's
-    nodes, which neither the fleet nor the centralized run trains on (``union.npz``'s ``x_val``)."""
-    return union_data(work / f"parts-{args.skews[0]}", args.nodes, args.image_size, work / "union.npz")
-
-
-def val_spec(union: Path | None, args: argparse.Namespace) -> list[str]:
+def val_spec(union: Path, args: argparse.Namespace) -> list[str]:
     """What the server and the centralized run score on (the value of ``--val`` and its options):
-    test images, or the held-out ones."""
+    test images, or the held-out ones (``union``'s validation part)."""
     if args.evaluate_on == "held-out":
         return [str(union)]
     return ["fashion-mnist", "--val-per-class", str(args.val_per_class)]
 
 
 def run_fleet(
-    root: Path, artifact: Path, parts: list[Path], val: Path | None, args: argparse.Namespace
+    root: Path, artifact: Path, parts: list[Path], val: Path, args: argparse.Namespace
 ) -> tuple[list[dict], int]:
     """The fleet's round records and how often its server was restarted: on a loaded machine the
     SuperLink's SQLite database can stay locked long enough to fail a run; the server is then started
@@ -173,7 +168,7 @@ def run_fleet(
 
 
 def replay_fleet(
-    root: Path, artifact: Path, parts: list[Path], val: Path | None, args: argparse.Namespace
+    root: Path, artifact: Path, parts: list[Path], val: Path, args: argparse.Namespace
 ) -> tuple[list[dict], int]:
     """``run_fleet``'s round records from the same code without Flower: every node's
     ``client.train_round`` (same names, hence seeds and selections) on the round's global state,
@@ -317,6 +312,7 @@ def report(summary: dict) -> str:
 
 
 def lrs(settings: dict) -> str:
+    """The learning rate(s) of a run, for its report."""
     central = settings.get("central_lr")
     if central in (None, settings["lr"]):
         return f"lr {settings['lr']} (fleet and centralized)"
