@@ -98,12 +98,12 @@ def run_seed(work: Path, seed: int, args: argparse.Namespace, fleets: dict) -> l
     for skew in args.skews:
         parts = write_partitions("fashion-mnist", args.nodes, work / f"parts-{skew}", args.image_size, skew,
                                  args.per_class, args.alpha, seed)  # fmt: skip
-        # --evaluate-on held-out: the first skew's nodes' validation splits (union.npz's x_val)
-        val = union_data(work / f"parts-{args.skews[0]}", args.nodes, args.image_size, work / "union.npz")
+        if skew == args.skews[0]:  # the centralized data; its x_val: the held-out images (--evaluate-on)
+            union = union_data(work / f"parts-{skew}", args.nodes, args.image_size, work / "union.npz")
         fleet = replay_fleet if args.in_process else run_fleet
         folder = work / "-".join([f"fleet-{skew}", *([args.aggregation] if args.aggregation != UPDATERS else []),
                                   *(["in-process"] if args.in_process else [])])  # fmt: skip
-        records, restarts = fleet(folder, artifact, [p.path for p in parts], val, args)
+        records, restarts = fleet(folder, artifact, [p.path for p in parts], union, args)
         fleets[f"{skew}-seed-{seed}"] = {"per_node_per_class": [p.per_class for p in parts],
                                          "server_restarts": restarts,
                                          "round_attempts": [r.get("attempt", 1) for r in records[1:]]}  # fmt: skip
@@ -115,7 +115,6 @@ def run_seed(work: Path, seed: int, args: argparse.Namespace, fleets: dict) -> l
                 "downlink_bytes_per_client": record.get("downlink_bytes", 0),
                 "entries_updated": record.get("touched_entries", 0), "clients": len(clients),
             })  # fmt: skip
-    union = work / "union.npz"  # written with the first skew's partitions
     central, central_artifact = work / "central", artifact
     if args.central_lr not in (None, args.lr):  # the same plan (seed, draws, order) at its own lr
         own = work / f"central-lr{args.central_lr:g}"
