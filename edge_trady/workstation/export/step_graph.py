@@ -14,7 +14,7 @@ What the step keeps between forward and backward:
 - ``Gather(x, S, axis=1)``: the selected input channels of every candidate layer, taken right
   after ``x`` is produced (the classifier keeps its whole, pooled input);
 - the masks of the clamp activations (ReLU, ReLU6, Hardtanh) whose gradient is needed, taken from
-  their output right after it is produced, 1 bit per value (``MatMulInteger`` with the powers of
+  their output right after it is produced, 1 bit per value (a float ``MatMul`` with the powers of
   two packs 8 values per byte; a ``Gather`` from a 256-row table unpacks them); 1 byte per value
   when a sample's size is not a multiple of 8.
 
@@ -294,8 +294,9 @@ class StepBuilder(ClampRules, ArithmeticRules, ShapeRules, LinearRules, ConvRule
         """``t`` unchanged (a Reshape, no copy) but computed only once ``gate`` exists: with the
         priority-based order nothing that reads it can run before (see the module docstring)."""
         e = self.emit
-        zero = e.op("Mul", [e.op("Size", [gate], hint), e.ints([0], hint)], hint)
-        return e.op("Reshape", [t, e.op("Add", [e.op("Shape", [t], hint), zero], hint)], hint, allowzero=1)
+        nothing = e.op("Shape", [gate], hint, start=0, end=0)  # an empty shape read from the gate
+        shape = e.op("Concat", [e.op("Shape", [t], hint), nothing], hint, axis=0)
+        return e.op("Reshape", [t, shape], hint, allowzero=1)
 
     def _const(self, name: str) -> np.ndarray:
         if name not in self.constants:
