@@ -112,9 +112,15 @@ class Dataset:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """float32 [b, 3, S, S] normalised (C-contiguous), int64 labels [b]."""
-        x = self.pixels[indices].transpose(0, 3, 1, 2).astype(np.float32, order="C")
+    def batch(self, indices: np.ndarray, out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """float32 [b, 3, S, S] normalised (C-contiguous), int64 labels [b]. ``out``: an earlier batch
+        of this shape to write the images into (its values are replaced; no new pages to fault in)."""
+        shape = (len(indices), 3, self.image_size, self.image_size)
+        if out is not None and out.shape == shape and out.dtype == np.float32 and out.flags.c_contiguous:
+            x = out
+            np.copyto(x, self.pixels[indices].transpose(0, 3, 1, 2))
+        else:
+            x = self.pixels[indices].transpose(0, 3, 1, 2).astype(np.float32, order="C")
         # (pixel - 255 mean) / (255 std): exact -1 and 1 at 0 and 255 for MINUS_ONE_TO_ONE
         x -= (255 * np.asarray(self.normalization.mean, np.float32))[:, None, None]
         x /= (255 * np.asarray(self.normalization.std, np.float32))[:, None, None]
