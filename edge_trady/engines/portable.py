@@ -51,6 +51,9 @@ def session_options(threads: int | None, step: bool):
         options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     if threads:
         options.intra_op_num_threads = threads
+    # Idle worker threads sleep instead of spinning: on a loaded machine spinning doubled the CPU
+    # time of a 2-thread step and made it 5x slower in wall time (bench/threads.py, docs/speed.md).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
