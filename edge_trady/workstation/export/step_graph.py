@@ -292,11 +292,12 @@ class StepBuilder(ClampRules, ArithmeticRules, ShapeRules, LinearRules, ConvRule
 
     def _after(self, t: str, gate: str, hint: str) -> str:
         """``t`` unchanged (a Reshape, no copy) but computed only once ``gate`` exists: with the
-        priority-based order nothing that reads it can run before (see the module docstring)."""
+        priority-based order nothing that reads it can run before (see the module docstring). The
+        gate is ``Size(gate) * 0``: ONNX Runtime cannot fold it (``Shape(gate, start=0, end=0)``,
+        an always-empty shape, may be folded into a constant, which would undo the gate)."""
         e = self.emit
-        nothing = e.op("Shape", [gate], hint, start=0, end=0)  # an empty shape read from the gate
-        shape = e.op("Concat", [e.op("Shape", [t], hint), nothing], hint, axis=0)
-        return e.op("Reshape", [t, shape], hint, allowzero=1)
+        zero = e.op("Mul", [e.op("Size", [gate], hint), e.ints([0], hint)], hint)
+        return e.op("Reshape", [t, e.op("Add", [e.op("Shape", [t], hint), zero], hint)], hint, allowzero=1)
 
     def _const(self, name: str) -> np.ndarray:
         if name not in self.constants:
