@@ -7,9 +7,10 @@ session re-creation, checkpoints, the final export): **images/s** = training ima
 sum of the epochs' wall time (``metrics.jsonl``), **process** = the same over the whole process.
 Thread counts are interleaved and repeated; the median is reported with the 1-minute load average
 before and after each measurement. The machine is shared, so ``--max-load L`` waits (up to
-``--wait-minutes``) until the load is at most L before each measurement.
+``--wait-minutes``) until the load is at most L before each measurement, and ``--lock FILE`` holds
+an exclusive ``flock`` on FILE during each measurement (not while waiting).
 
-    flock /work/locks/timing.lock python bench/threads.py --image-sizes 64 128 --threads 1 2 --max-load 2.5
+    python bench/threads.py --image-sizes 64 128 --threads 1 2 --max-load 2.5 --lock /work/locks/timing.lock
 
 Writes bench/results/threads.{csv,json,png} and prints the table.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import json
 import os
 import statistics
@@ -25,6 +27,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from benchlib import RESULTS, cli, device_python, make_plan
@@ -35,6 +39,20 @@ def wait_for_load(max_load: float | None, minutes: float) -> None:
     deadline = time.monotonic() + 60 * minutes
     while max_load is not None and os.getloadavg()[0] > max_load and time.monotonic() < deadline:
         time.sleep(20)
+
+
+@contextmanager
+def locked(path: Path | None) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` while the block runs (nothing when ``path`` is None)."""
+    if path is None:
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def measure(artifact: Path, threads: int, args: argparse.Namespace, out: Path) -> dict:
@@ -133,6 +151,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-load", type=float, default=None, help="wait until the 1-minute load is at most this")
     parser.add_argument("--wait-minutes", type=float, default=20, help="longest wait for --max-load per measurement")
+    parser.add_argument("--lock", type=Path, help="hold an exclusive flock on this file during each measurement")
     args = parser.parse_args()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     rows, raw = [], []
@@ -145,7 +164,8 @@ def main() -> None:
             for repeat in range(args.repeats):
                 for threads in args.threads:
                     wait_for_load(args.max_load, args.wait_minutes)
-                    runs.append({"image_size": size, **measure(here / "artifact", threads, args, here / "run")})
+                    with locked(args.lock):
+                        runs.append({"image_size": size, **measure(here / "artifact", threads, args, here / "run")})
                     r = runs[-1]
                     print(
                         f"{size} px, {threads} thread(s), repeat {repeat + 1}: {r['images_per_s']:.1f} images/s "
