@@ -27,8 +27,10 @@ The workers also give the training-phase peak (VmHWM reset by ``/proc/self/clear
 
     python bench/speed.py
 
-Prints the table and the targets of issue 9 item 4; writes bench/results/speed.{csv,json,png} and
-docs/speed.md (keeps the text after ``<!-- discussion -->``).
+Reference rows (with ``portable``): the inference pass of the same network and the step's FLOP floor
+(``step_profile.step_flops``, in inference passes). Prints the table and the targets of issue 9 item 4
+and issue 23; writes bench/results/speed.{csv,json,png} and docs/speed.md (keeps the text after
+``<!-- discussion -->``).
 """
 
 from __future__ import annotations
@@ -423,7 +425,11 @@ def write(rows: list[dict], infer: list[dict], checks: list[dict], meta: dict, a
         f"{args.steps} timed steps in each of {args.repeats} fresh worker processes per engine with one thread: "
         f"the machine is shared (2 cores, load {meta['load']:.1f}), so CPU time, not wall time, measures the "
         f"engines. **training-phase peak**: the workers' VmHWM while stepping "
-        f"(reset after set-up).\n\n{text}\n\n{MARKER}{tail}",
+        f"(reset after set-up). Reference rows: the *inference pass* of the same network (the portable "
+        f"runner's fine-tuned model on plain onnxruntime, one thread, the same batches) and the *FLOP "
+        f"floor of the step* (forward + input gradients above the earliest candidate + the selected "
+        f"channels' weight gradients, `bench/step_profile.py`), as that many inference passes."
+        f"\n\n{text}\n\n{MARKER}{tail}",
     )
 
 
