@@ -55,7 +55,6 @@ PHASES = (
     "weight gradients",
     "executor",
 )
-NUMPY_PARTS = ("optimizer update", "data loading")
 
 
 def worker(cfg: dict) -> dict:
@@ -190,7 +189,7 @@ def measure(size: int, args: argparse.Namespace, directory: Path) -> dict:
     flops = step_flops(forward, layout, selection, args.batch_size)
     inference_ms = timed["inference"] * 1e3
     step_ms = timed["step"] * 1e3
-    total_ms = step_ms + 1e3 * (timed["optimizer update"] + timed["data loading"])
+    total_ms = step_ms + 1e3 * timed["optimizer update"]  # data loading is the inference pass's too
     row = {
         "image_size": size,
         "batch_size": args.batch_size,
@@ -226,15 +225,42 @@ def measure(size: int, args: argparse.Namespace, directory: Path) -> dict:
     return {"row": row, "ops": op_rows}
 
 
+def render(path: Path) -> None:
+    """The tables of ``path`` (a JSON this script wrote), the step total and ratios derived again."""
+    data = json.loads(path.read_text())
+    for r in data["rows"]:
+        r["total_ms"] = r["step_ms"] + r["optimizer_update_ms"]
+        r["step_over_inference"] = r["total_ms"] / r["inference_ms"]
+        r["step_over_floor"] = r["total_ms"] / r["floor_ms"]
+    rows, ops = data["rows"], data["ops"]
+    print("\n\n".join([summary_table(rows), phase_table(rows), *(op_table(ops, r["image_size"], 15) for r in rows)]))
+    print(f"\n(measured {data['meta']['measured']}, load {data['meta']['load']:.1f}: {data['meta']['command']})")
+    write(path.parent, path.stem, data["meta"], rows, ops)
+
+
+def write(folder: Path, stem: str, meta: dict, rows: list[dict], ops: list[dict]) -> None:
+    from edge_trady.core.atomic import write_json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / f"{stem}.json", {"meta": meta, "rows": rows, "ops": ops})
+    with open(folder / f"{stem}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, folder / f"{stem}.png")
+
+
 def phase_table(rows: list[dict]) -> str:
     sizes = " | ".join(f"{r['image_size']} px ms | share" for r in rows)
     head = f"| part of a step (CPU time, {rows[0]['threads']} thread) | {sizes} |"
     lines = [head, "|---" * (1 + 2 * len(rows)) + "|"]
-    for part in (*PHASES, *NUMPY_PARTS):
+    for part in (*PHASES, "optimizer update"):
         key = f"{part.replace(' ', '_')}_ms"
         cells = " | ".join(f"{r[key]:.1f} | {100 * r[key] / r['total_ms']:.0f} %" for r in rows)
         lines.append(f"| {part} | {cells} |")
     lines.append("| **step** | " + " | ".join(f"**{r['total_ms']:.1f}** | 100 %" for r in rows) + " |")
+    loading = " | ".join(f"{r['data_loading_ms']:.1f} | " for r in rows)
+    lines.append(f"| data loading (not in the step) | {loading} |")
     lines.append("| *inference pass (reference)* | " + " | ".join(f"{r['inference_ms']:.1f} | " for r in rows) + " |")
     lines.append("| *FLOP floor (reference)* | " + " | ".join(f"{r['floor_ms']:.1f} | " for r in rows) + " |")
     lines.append(
@@ -276,7 +302,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(rows), figsize=(5.5 * len(rows), 3.6), squeeze=False)
     for ax, r in zip(axes[0], rows, strict=True):
         left = 0.0
-        for part in (*PHASES, *NUMPY_PARTS):
+        for part in (*PHASES, "optimizer update"):
             value = r[f"{part.replace(' ', '_')}_ms"]
             ax.barh(2, value, left=left, label=part)
             left += value
@@ -309,8 +335,12 @@ def main() -> None:
     parser.add_argument(
         "--reuse", action="store_true", help="profile the plans and artifacts already in --keep (e.g. exported earlier)"
     )
+    parser.add_argument("--render", type=Path, help="the tables of an earlier run's JSON again (and its files)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.render:
+        render(args.render)
+        return
     if args.reuse and not args.keep:
         parser.error("--reuse needs --keep DIR")
     if args.worker:
@@ -328,22 +358,14 @@ def main() -> None:
     load = max(load, os.getloadavg()[0])
     text = "\n\n".join([summary_table(rows), phase_table(rows), *(op_table(ops, r["image_size"], 15) for r in rows)])
     print(f"\n{text}")
-    from edge_trady.core.atomic import write_json
-
     folder, stem = (RESULTS / "step_profile", f"step_profile-{args.tag}") if args.tag else (RESULTS, "step_profile")
-    folder.mkdir(parents=True, exist_ok=True)
     meta = {
         "command": "python bench/step_profile.py " + " ".join(sys.argv[1:]),
         "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "seconds": time.monotonic() - started,
         "load": load,
     }
-    write_json(folder / f"{stem}.json", {"meta": meta, "rows": rows, "ops": ops})
-    with open(folder / f"{stem}.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    plot(rows, folder / f"{stem}.png")
+    write(folder, stem, meta, rows, ops)
     print(f"\nwritten to {folder}/{stem}.{{json,csv,png}} (load {load:.1f})")
 
 
