@@ -23,6 +23,7 @@ measures with ``--threads`` intra-op threads:
   *time* is that many inference passes.
 
     flock /work/locks/timing.lock python bench/step_profile.py --image-sizes 64 128
+    flock /work/locks/timing.lock python bench/step_profile.py --ab BEFORE_DIR AFTER_DIR   # two --keep folders
 
 Writes bench/results/step_profile.{csv,json,png} (``--tag NAME``: step_profile-NAME.* in
 bench/results/step_profile/, for comparisons) and prints the tables.
@@ -127,6 +128,44 @@ def worker(cfg: dict) -> dict:
     return result
 
 
+def ab_worker(cfg: dict) -> dict:
+    """Interleaved rounds over artifact folders (``<size>px/{plan.json,artifact}`` each): the median
+    over rounds of each one's median step CPU ms (session.run + SGD update), and its inference ms."""
+    import numpy as np
+
+    from edge_trady.core.plan import Plan
+    from edge_trady.device.heap import pin_mmap_threshold
+    from edge_trady.device.runner import plan_sampler
+    from edge_trady.engines.portable import PortableEngine
+
+    pin_mmap_threshold()
+    size, folders = cfg["size"], cfg["folders"]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((cfg["batch"], 3, size, size), dtype=np.float32)
+    y = rng.integers(0, 10, cfg["batch"])
+    engines = []
+    for folder in folders:
+        base = Path(folder) / f"{size}px"
+        engine = PortableEngine(base / "artifact", threads=1)
+        engine.set_selection(plan_sampler(Plan.load(base / "plan.json")).select(0))
+        engine.train_step(x, y, 0.0)
+        engines.append(engine)
+    steps: dict[str, list[float]] = {f: [] for f in folders}
+    inference: dict[str, list[float]] = {f: [] for f in folders}
+    for _ in range(cfg["rounds"]):
+        for folder, engine in zip(folders, engines, strict=True):
+            for mode, times in (("step", steps), ("predict", inference)):
+                measured = []
+                for index in range(1 + cfg["steps"]):
+                    started = time.process_time()
+                    engine.train_step(x, y, 0.0) if mode == "step" else engine.predict(x)
+                    if index:  # the first call of a mode may create its session
+                        measured.append(time.process_time() - started)
+                times[folder].append(statistics.median(measured))
+    return {f: {"step_ms": 1e3 * statistics.median(steps[f]), "inference_ms": 1e3 * statistics.median(inference[f])}
+            for f in folders}  # fmt: skip
+
+
 def run_worker(cfg: dict) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg["threads"])}
     command = [str(device_python()), str(Path(__file__).resolve()), "--worker", json.dumps(cfg)]
@@ -223,6 +262,24 @@ def measure(size: int, args: argparse.Namespace, directory: Path) -> dict:
         for op, ms in infer_by_op.most_common()
     ]
     return {"row": row, "ops": op_rows}
+
+
+def compare(args: argparse.Namespace) -> None:
+    """``--ab``: the step and inference CPU time of each kept artifact set, interleaved in one worker."""
+    lines = ["| px | artifacts | step ms | inference ms | step / inference | vs the first |", "|---" * 6 + "|"]
+    for size in args.image_sizes:
+        folders = [str(f) for f in args.ab]
+        cfg = {"size": size, "folders": folders, "batch": args.batch_size, "rounds": 4, "steps": 5, "threads": 1}
+        result = run_worker(cfg)
+        first = result[cfg["folders"][0]]["step_ms"]
+        for folder in cfg["folders"]:
+            r = result[folder]
+            ratio = r["step_ms"] / r["inference_ms"]
+            lines.append(
+                f"| {size} | {Path(folder).name} | {r['step_ms']:.1f} | {r['inference_ms']:.1f} | {ratio:.2f}x | "
+                f"{100 * (r['step_ms'] / first - 1):+.1f} % |"
+            )
+    print("\n".join(lines) + f"\n\n(load {os.getloadavg()[0]:.1f})")
 
 
 def render(path: Path) -> None:
@@ -335,6 +392,9 @@ def main() -> None:
     parser.add_argument(
         "--reuse", action="store_true", help="profile the plans and artifacts already in --keep (e.g. exported earlier)"
     )
+    parser.add_argument(
+        "--ab", type=Path, nargs="+", help="compare kept artifact sets (folders as --keep makes), interleaved"
+    )
     parser.add_argument("--render", type=Path, help="the tables of an earlier run's JSON again (and its files)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -344,7 +404,11 @@ def main() -> None:
     if args.reuse and not args.keep:
         parser.error("--reuse needs --keep DIR")
     if args.worker:
-        print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
+        cfg = json.loads(args.worker)
+        print("RESULT " + json.dumps(ab_worker(cfg) if "folders" in cfg else worker(cfg)), flush=True)
+        return
+    if args.ab:
+        compare(args)
         return
     started = time.monotonic()
     load = os.getloadavg()[0]
