@@ -46,16 +46,14 @@ from pathlib import Path
 from benchlib import RESULTS, cli, device_python, make_plan
 
 MiB = 2**20
-PHASES = (
-    "forward",
-    "forward corrections",
-    "kept channels",
-    "masks",
-    "loss",
-    "input gradients",
-    "weight gradients",
-    "executor",
-)
+
+
+def phases() -> tuple[str, ...]:
+    """The step's phases (``step_profile.PHASES``) and the time between kernels; imported here, not
+    at the top, because the device worker has no onnx."""
+    from edge_trady.workstation.export.step_profile import PHASES
+
+    return (*PHASES, "executor")
 
 
 def worker(cfg: dict) -> dict:
@@ -237,7 +235,7 @@ def measure(size: int, args: argparse.Namespace, directory: Path) -> dict:
         "channels": selection.channel_count,
         "step_ms": step_ms,
         "step_wall_ms": timed["step_wall"] * 1e3,
-        **{f"{p.replace(' ', '_')}_ms": by_phase.get(p, 0.0) for p in PHASES},
+        **{f"{p.replace(' ', '_')}_ms": by_phase.get(p, 0.0) for p in phases()},
         "optimizer_update_ms": timed["optimizer update"] * 1e3,
         "data_loading_ms": timed["data loading"] * 1e3,
         "session_recreation_ms": timed["session re-creation"] * 1e3,
@@ -311,7 +309,7 @@ def phase_table(rows: list[dict]) -> str:
     sizes = " | ".join(f"{r['image_size']} px ms | share" for r in rows)
     head = f"| part of a step (CPU time, {rows[0]['threads']} thread) | {sizes} |"
     lines = [head, "|---" * (1 + 2 * len(rows)) + "|"]
-    for part in (*PHASES, "optimizer update"):
+    for part in (*phases(), "optimizer update"):
         key = f"{part.replace(' ', '_')}_ms"
         cells = " | ".join(f"{r[key]:.1f} | {100 * r[key] / r['total_ms']:.0f} %" for r in rows)
         lines.append(f"| {part} | {cells} |")
@@ -359,7 +357,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(rows), figsize=(5.5 * len(rows), 3.6), squeeze=False)
     for ax, r in zip(axes[0], rows, strict=True):
         left = 0.0
-        for part in (*PHASES, "optimizer update"):
+        for part in (*phases(), "optimizer update"):
             value = r[f"{part.replace(' ', '_')}_ms"]
             ax.barh(2, value, left=left, label=part)
             left += value
