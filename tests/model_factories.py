@@ -12,7 +12,7 @@ keeps activations alive).
   a functional call; ``build_model`` splits it into four Linears, see
   ``edge_trady/workstation/attention.py``). ``vit_mha`` and ``vit_mean`` are the CLI-ready variants.
 - ``tiny_bert``: a 2-layer, hidden-32 ``transformers.BertModel`` (eager attention) with a linear head
-  on the [CLS] token; it takes ``input_ids`` and ``attention_mask``.
+  on the [CLS] token; it takes ``input_ids`` and ``attention_mask`` and says so (``example_input``).
 
 Each is a factory for ``--model tests/model_factories.py:FN --trust-model-code`` (it takes
 ``num_classes``), and tests import them (``from model_factories import vit``).
@@ -25,6 +25,7 @@ import math
 import torch
 from torch import nn
 
+from edge_trady.workstation.example_input import TokenInput
 from edge_trady.workstation.mobilenetv2 import calibrate_batchnorm
 
 
@@ -265,4 +266,6 @@ def tiny_bert(num_classes: int = 4, vocab_size: int = 100, max_tokens: int = 16)
         max_position_embeddings=max_tokens,
         attn_implementation="eager",
     )
-    return BertClassifier(BertModel(config, add_pooling_layer=False), num_classes).eval()
+    model = BertClassifier(BertModel(config, add_pooling_layer=False), num_classes).eval()
+    model.example_input = TokenInput(max_tokens)  # tracing feeds it token ids and a mask, not images
+    return model

@@ -35,7 +35,7 @@ def command(
     from ..workstation.models import build_model
 
     built = build_model(model, num_classes, image_size, trust_code=trust_model_code)
-    layers = trace_layers(built.module, image_size)
+    layers = trace_layers(built.module, built.example)
     if as_json:
         click.echo(json.dumps([layer.to_dict() | {"unit_cost": layer.unit_cost} for layer in layers], indent=1))
         return
