@@ -19,7 +19,7 @@ from edge_trady.device.data import (
     FASHION_MNIST_ENV,
     IMAGENET,
     MINUS_ONE_TO_ONE,
-    Dataset,
+    ImageDataset,
     Normalization,
     epoch_order,
     evaluation_split,
@@ -47,11 +47,11 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
 
 
-def all_batch(ds: Dataset) -> tuple[np.ndarray, np.ndarray]:
+def all_batch(ds: ImageDataset) -> tuple[np.ndarray, np.ndarray]:
     return ds.batch(np.arange(len(ds)))
 
 
-def image_ids(ds: Dataset) -> set[tuple[int, int]]:
+def image_ids(ds: ImageDataset) -> set[tuple[int, int]]:
     """(label, grey value) of each image of a folder made by make_folder."""
     return {(int(label), int(p[0, 0, 0])) for label, p in zip(ds.labels, ds.pixels, strict=True)}
 
@@ -69,7 +69,7 @@ def test_batch_normalises_to_minus_one_one_and_imagenet() -> None:
     pixels = np.zeros((2, 4, 4, 3), np.uint8)
     pixels[1] = 255
     pixels[0, 0, 0] = (128, 64, 0)
-    ds = Dataset(pixels, np.array([0, 1]), ["a", "b"], MINUS_ONE_TO_ONE, "test")
+    ds = ImageDataset(pixels, np.array([0, 1]), ["a", "b"], MINUS_ONE_TO_ONE, "test")
     x, y = ds.batch(np.array([1, 0]))
     assert x.shape == (2, 3, 4, 4) and x.dtype == np.float32 and x.flags.c_contiguous
     assert y.tolist() == [1, 0]
@@ -83,7 +83,7 @@ def test_batch_normalises_to_minus_one_one_and_imagenet() -> None:
 
 def test_batches_cover_order_once_and_keep_last_partial() -> None:
     n = 10
-    ds = Dataset(np.zeros((n, 2, 2, 3), np.uint8), np.arange(n), ["c"], IMAGENET, "test")
+    ds = ImageDataset(np.zeros((n, 2, 2, 3), np.uint8), np.arange(n), ["c"], IMAGENET, "test")
     order = epoch_order(n, seed=3, epoch=0)
     batches = list(ds.batches(4, order))
     assert [len(y) for _, y in batches] == [4, 4, 2]

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEVICE_PACKAGES = ("edge_trady.core", "edge_trady.device", "edge_trady.fleet")
+DEVICE_PACKAGES = ("edge_trady.core", "edge_trady.device", "edge_trady.device.data", "edge_trady.fleet")
 DEVICE_MODULES = (
     "edge_trady.cli",
     "edge_trady.errors",

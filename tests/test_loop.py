@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from edge_trady.core.selection import CandidateLayer, ChannelSampler
-from edge_trady.device.data import MINUS_ONE_TO_ONE, Dataset
+from edge_trady.device.data import MINUS_ONE_TO_ONE, ImageDataset
 from edge_trady.device.loop import TrainConfig, train
 from edge_trady.device.progress import Progress
 
@@ -40,11 +40,11 @@ class _Forgetful:
         return True
 
 
-def _data() -> Dataset:
+def _data() -> ImageDataset:
     labels = np.arange(16) % 4
     pixels = np.zeros((16, 4, 4, 3), np.uint8)
     pixels[:, 0, 0, 0] = labels
-    return Dataset(pixels, labels, ["a", "b", "c", "d"], MINUS_ONE_TO_ONE, "test")
+    return ImageDataset(pixels, labels, ["a", "b", "c", "d"], MINUS_ONE_TO_ONE, "test")
 
 
 def test_accuracy_below_its_starting_point_is_said_plainly(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

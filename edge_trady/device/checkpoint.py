@@ -12,7 +12,6 @@ difference refuses, naming it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -21,8 +20,6 @@ import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-
-import numpy as np
 
 from ..core.atomic import fsync_path, staging_sibling, temporary_owner, write_text
 from ..core.json_file import read_json
@@ -160,15 +157,6 @@ def check_origin(saved: object, current: dict, folder: Path) -> None:
                 f"{_show(current.get(key))} here; resume with that run's artifact, data and settings, "
                 "or give a new --out"
             )
-
-
-def data_fingerprint(pixels: np.ndarray, labels: np.ndarray, source: str) -> str:
-    """One line identifying a data set: its description, size and a hash of pixels and labels."""
-    digest = hashlib.blake2b(digest_size=12)
-    for array in (pixels, labels):
-        digest.update(str((array.dtype.str, array.shape)).encode())
-        digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
-    return f"{source}: {len(labels)} images, blake2b {digest.hexdigest()}"
 
 
 def _check_latest(root: Path, newest: Path, progress: Progress) -> None:

@@ -22,7 +22,6 @@ from ..errors import Diverged, EdgeTradyError, Stopped
 from .checkpoint import (
     CorruptCheckpoint,
     LoopState,
-    data_fingerprint,
     has_checkpoint,
     latest_checkpoint,
     load_checkpoint,
@@ -97,8 +96,8 @@ def run_origin(
     """What a checkpoint must share with the run resuming it (besides what the caller adds)."""
     layers = json.dumps([[c.name, c.channels, c.cost] for c in sampler.layers]).encode()
     return {  # in the order a mismatch is reported: the first difference is named
-        "train_data": data_fingerprint(train_data.pixels, train_data.labels, train_data.source),
-        "val_data": val_data and data_fingerprint(val_data.pixels, val_data.labels, val_data.source),
+        "train_data": train_data.fingerprint(),
+        "val_data": val_data and val_data.fingerprint(),
         "engine": engine.name,
         "method": sampler.method,
         "budget": sampler.budget,

@@ -102,7 +102,7 @@ def check_loaded_data(plan: Plan, data: list[Dataset], force: bool, progress: Pr
     re-check the fit with the real size, and say when loading alone went past the predicted peak."""
     estimate = plan.estimate
     planned = sum(part.bytes for part in estimate.parts if part.name == DATA_SET_PART)
-    real = sum(d.pixels.nbytes for d in data)
+    real = sum(d.nbytes for d in data)
     images, planned_images = sum(len(d) for d in data), planned // (3 * plan.image_size**2)
     peak = estimate.peak_bytes - planned + real
     if real > planned:

@@ -66,7 +66,7 @@ def export_portable_artifact(
         inputs=step.inputs,
         refreshed=step.refreshed,
         grads=step.grads,
-        kept=step.kept,
+        kept={tensor: kept.why for tensor, kept in step.kept.items()},
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx.save(as_raw_data(step.model, step.refreshed), out_dir / layout.step_model)

@@ -1,4 +1,5 @@
-"""Convolution pieces of the portable step graph: forward corrections, input and weight gradients.
+"""Convolutions (the conv / gemm family with ``linear.py``): forward corrections, input and weight
+gradients; average pooling.
 
 Tensors are named as in ``step_graph``: ``S`` a layer's selected input channels (``n`` of them),
 ``x_S`` the kept channels as ``[n, B, H, W]``, ``gy`` the gradient of the conv's output
@@ -32,7 +33,15 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ...errors import ArtifactError
+from ....errors import ArtifactError
+from .base import CONV_GEMM, SELECTED, Keep, node_attr, rule
+
+SLICE_DIFFERENCE = Keep(
+    "slice differences",
+    "a grouped candidate's selected weights minus the refreshed ones",
+    32,
+    "n x C'/g x kh x kw once (not per sample)",
+)
 
 
 @dataclass
@@ -200,7 +209,8 @@ class ConvRules:
         baked = e.op("Gather", [rows, index["flat"]], hint, axis=0)  # [n, outs, kh, kw]
         delta = e.op("Sub", [self.slice_inputs[weight], baked], hint)
         self.deltas[layer] = e.op("Reshape", [delta, e.ints([-1, outs, 1, kh * kw, 1, 1], hint)], hint)
-        self.kept[self.deltas[layer]] = f"difference of the selected slice of {layer} from the refreshed weight"
+        why = f"difference of the selected slice of {layer} from the refreshed weight"
+        self._record(self.deltas[layer], SLICE_DIFFERENCE, why, 0, fixed=4 * outs * kh * kw, layer=layer)
         patches = self._patches(self.taps[layer], geo, hint)  # [n, B, kk, H', W']
         patches = e.op("Unsqueeze", [patches, e.ints([1], hint)], hint)  # [n, 1, B, kk, H', W']
         product = e.op("Mul", [patches, self.deltas[layer]], hint)
@@ -212,7 +222,8 @@ class ConvRules:
 
     # ------------------------------------------------------------------------ backward
 
-    def _d_Conv(self, node: onnx.NodeProto, gy: str) -> None:
+    @rule("Conv", family=CONV_GEMM, keeps=(SELECTED, SLICE_DIFFERENCE))
+    def _d_conv(self, node: onnx.NodeProto, gy: str) -> None:
         x, weight = node.input[0], node.input[1]
         geo = self._conv_geometry(node)
         layer = self.layer_of_weight.get(weight)
@@ -311,7 +322,8 @@ class ConvRules:
         summed = e.op("ReduceSum", [product, e.ints([1, 3], hint)], hint, keepdims=0)  # [n, B, H, W]
         return e.op("Transpose", [summed], hint, perm=[1, 0, 2, 3])
 
-    def _d_AveragePool(self, node: onnx.NodeProto, gy: str) -> None:
+    @rule("AveragePool", family=CONV_GEMM)
+    def _d_average_pool(self, node: onnx.NodeProto, gy: str) -> None:
         x = node.input[0]
         if not self._wants(x):
             return
@@ -339,14 +351,6 @@ def _one_hot(kernel: list[int]) -> np.ndarray:
     """[kh*kw, 1, kh, kw]: output channel ``q`` reads kernel offset ``q`` only."""
     count = kernel[0] * kernel[1]
     return np.eye(count, dtype=np.float32).reshape(count, 1, *kernel)
-
-
-def node_attr(node: onnx.NodeProto, name: str, default=None):
-    """The value of attribute ``name`` of ``node``, else ``default``."""
-    for attribute in node.attribute:
-        if attribute.name == name:
-            return onnx.helper.get_attribute_value(attribute)
-    return default
 
 
 def _window_counts(size: int, kernel: int, stride: int, begin: int, end: int) -> np.ndarray:
