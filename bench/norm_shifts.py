@@ -16,6 +16,7 @@ beside it, in this process, the bytes one step keeps for backward (``TorchSparse
 batch 32) with and without the shifts, for the same selection.
 
     python bench/norm_shifts.py [--seeds 0 1 2] [--epochs 10] [--per-class 100] [--budget 5%]
+        [--variants none candidates]   (``all`` equals ``candidates`` when the top-K holds every Linear)
 
 Writes bench/results/norm-shifts.{csv,json,md,png}.
 """
@@ -44,6 +45,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--budget", default="5%")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["none", "candidates"])
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--work", type=Path, default=Path("/tmp/edge-trady-norm-shifts"))
     args = parser.parse_args()
@@ -54,7 +56,7 @@ def main() -> None:
         _cli("rank", "--model", FACTORY, "--trust-model-code", *data, "--epochs", "1", "--quiet", "-o", str(ranking))
     rows = []
     for seed in args.seeds:
-        for variant in VARIANTS:
+        for variant in args.variants:
             out = args.work / f"{variant}-s{seed}"
             started = time.process_time()
             _cli(
@@ -129,7 +131,7 @@ def _write(rows: list[dict], saved: dict[str, dict[str, int]], args: argparse.Na
         writer.writeheader()
         writer.writerows(rows)
     table = []
-    for variant in VARIANTS:
+    for variant in args.variants:
         mine = [r for r in rows if r["variant"] == variant]
         accs = [r["val_acc"] for r in mine]
         base = {r["seed"]: r["val_acc"] for r in rows if r["variant"] == "none"}
@@ -153,8 +155,9 @@ def _write(rows: list[dict], saved: dict[str, dict[str, int]], args: argparse.Na
         "# LayerNorm shifts (`--train-shifts`) on the ViT-style factory",
         "",
         f"`python bench/norm_shifts.py --seeds {' '.join(map(str, args.seeds))} --epochs {args.epochs} "
-        f"--per-class {args.per_class} --budget {args.budget}` (Fashion-MNIST, 32 px, torch-sparse, TraDy, "
-        f"lr {args.lr}, batch 32; budget {rows[0]['budget_units']:,.0f} units)",
+        f"--per-class {args.per_class} --budget {args.budget} --variants {' '.join(args.variants)}` "
+        f"(Fashion-MNIST, 32 px, torch-sparse, TraDy, lr {args.lr}, batch 32; budget "
+        f"{rows[0]['budget_units']:,.0f} units)",
         "",
         "| train-shifts | val acc (mean ± sd) | paired vs none | shift units | peak RSS MiB (median) | "
         "kept for backward, one step (bytes) | weight-gradient bytes |",
@@ -168,21 +171,21 @@ def _write(rows: list[dict], saved: dict[str, dict[str, int]], args: argparse.Na
         )
     (stem.with_suffix(".md")).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    _plot(rows, stem.with_suffix(".png"))
+    _plot(rows, args.variants, stem.with_suffix(".png"))
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def _plot(rows: list[dict], variants: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for i, variant in enumerate(VARIANTS):
+    for i, variant in enumerate(variants):
         accs = [r["val_acc"] for r in rows if r["variant"] == variant]
         ax.scatter([i] * len(accs), accs, color="#4c72b0")
         ax.bar(i, statistics.mean(accs), color="#4c72b0", alpha=0.3)
-    ax.set_xticks(range(len(VARIANTS)), [f"--train-shifts {v}" for v in VARIANTS])
+    ax.set_xticks(range(len(variants)), [f"--train-shifts {v}" for v in variants])
     ax.set_ylabel("validation accuracy")
     low = min(r["val_acc"] for r in rows)
     ax.set_ylim(max(0.0, low - 0.05), min(1.0, max(r["val_acc"] for r in rows) + 0.03))
