@@ -291,3 +291,32 @@ def test_layernorm_shifts_train_alike_in_both_engines_and_keep_nothing(bert) -> 
     assert changed == {f"{top}.weight", f"{shifts[0]}.bias", "classifier.weight", "classifier.bias"}
     for key in changed:
         torch.testing.assert_close(after[key], masked.model.state_dict()[key], rtol=1e-5, atol=1e-7)
+
+
+def test_a_torch_transformer_encoder_is_split_and_traced() -> None:
+    """nn.TransformerEncoder's fused fast paths (nested tensors, the fused layer) are turned off, so
+    the split modules run: same outputs on the real tokens, 6 Linears per layer on 5 tokens."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 2)).eval()
+    x, padding = torch.randn(3, 5, 16), torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
+    with torch.no_grad():
+        expected = model[0](x, src_key_padding_mask=padding)
+        assert split_multihead_attention(model) == 2
+        got = model[0](x, src_key_padding_mask=padding)
+    torch.testing.assert_close(got[~padding], expected[~padding], rtol=1e-5, atol=1e-5)
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder, self.head = model, nn.Linear(16, 2)
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:  # the first 80 values: 5 tokens of 16
+            tokens = images.flatten(1)[:, :80].reshape(-1, 5, 16)
+            return self.head(self.encoder(tokens).mean(1))
+
+    layers = trace_layers(Encoder(), 16)
+    assert [layer.name.split(".")[-1] for layer in layers[:6]] == [
+        "q_proj", "k_proj", "v_proj", "out_proj", "linear1", "linear2",
+    ]  # fmt: skip
+    assert len(layers) == 13 and all(layer.tokens == 5 for layer in layers[:-1])

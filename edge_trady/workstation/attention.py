@@ -8,7 +8,9 @@ channel. ``build_model`` therefore replaces every one by ``SplitMultiheadAttenti
 written out (``matmul``, ``softmax``) — the same function (outputs equal to ~1e-6), four candidate
 layers, and a graph of standard ops for the exporters. What changes is the parameter names:
 ``attn.in_proj_weight`` becomes ``attn.q_proj.weight`` / ``k_proj`` / ``v_proj`` (``merged_state``
-gives the packed names back). Refused with a clear error: ``add_bias_kv`` and ``add_zero_attn``.
+gives the packed names back). ``nn.TransformerEncoder(Layer)`` keeps working: its fused fast paths
+(which would bypass the modules) are turned off. Refused with a clear error: ``add_bias_kv`` and
+``add_zero_attn``.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ def split_multihead_attention(model: nn.Module) -> int:
         if not attr:
             raise EdgeTradyError("the model is a bare nn.MultiheadAttention: wrap it in a module with a head")
         setattr(model.get_submodule(parent), attr, SplitMultiheadAttention(module, name))
+    for encoder in model.modules():
+        if found and isinstance(encoder, nn.TransformerEncoder):
+            encoder.use_nested_tensor = False  # its nested-tensor fast path would bypass the modules
     return len(found)
 
 
@@ -48,6 +53,12 @@ def merged_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 class SplitMultiheadAttention(nn.Module):
     """``nn.MultiheadAttention``'s forward with separate q/k/v/out Linear modules."""
+
+    # What nn.TransformerEncoderLayer reads to choose its fused fast path: with no packed
+    # projection it takes the plain path, which calls this module.
+    in_proj_weight = None
+    in_proj_bias = None
+    _qkv_same_embed_dim = False
 
     def __init__(self, mha: nn.MultiheadAttention, name: str = "attention") -> None:
         super().__init__()
