@@ -15,7 +15,7 @@ budget. Each run is ``edge-trady finetune`` in a fresh process (its VmHWM is the
 beside it, in this process, the bytes one step keeps for backward (``TorchSparseEngine.saved_bytes``,
 batch 32) with and without the shifts, for the same selection.
 
-    python bench/norm_shifts.py [--seeds 0 1 2] [--epochs 10] [--per-class 100] [--budget 5%]
+    python bench/norm_shifts.py [--seeds 0 1 2] [--epochs 10] [--per-class 100] [--budget 5%] [--jobs 1]
         [--variants none candidates]   (``all`` equals ``candidates`` when the top-K holds every Linear)
 
 Writes bench/results/norm-shifts.{csv,json,md,png}.
@@ -29,7 +29,7 @@ import json
 import statistics
 import subprocess
 import sys
-import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from benchlib import RESULTS, ROOT
@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--budget", default="5%")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at once (fresh processes each)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["none", "candidates"])
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--work", type=Path, default=Path("/tmp/edge-trady-norm-shifts"))
@@ -54,34 +55,32 @@ def main() -> None:
     ranking = args.work / "ranking.json"
     if not ranking.exists():
         _cli("rank", "--model", FACTORY, "--trust-model-code", *data, "--epochs", "1", "--quiet", "-o", str(ranking))
-    rows = []
-    for seed in args.seeds:
-        for variant in args.variants:
-            out = args.work / f"{variant}-s{seed}"
-            started = time.process_time()
-            _cli(
-                "finetune", "--model", FACTORY, "--trust-model-code", *data, "--ranking", str(ranking),
-                "--method", "trady", "--budget", args.budget, "--epochs", str(args.epochs), "--lr", str(args.lr),
-                "--batch-size", "32", "--seed", str(seed), "--engine", "torch-sparse", "--train-shifts", variant,
-                "--out", str(out), "--overwrite", "--quiet",
-            )  # fmt: skip
-            summary = json.loads((out / "summary.json").read_text())
-            rows.append(
-                {
-                    "variant": variant,
-                    "seed": seed,
-                    "val_acc": summary["final_val_acc"],
-                    "initial_val_acc": summary["initial_val_acc"],
-                    "train_loss": summary["final_train_loss"],
-                    "shift_units": summary["shift_cost"],
-                    "budget_units": summary["budget_amount"],
-                    "peak_rss_mib": summary["peak_rss_bytes"] / MiB,
-                    "children_cpu_s": time.process_time() - started,
-                }
-            )
-            print(
-                f"{variant:<10} seed {seed}: val_acc {rows[-1]['val_acc']:.4f} peak {rows[-1]['peak_rss_mib']:.1f} MiB"
-            )
+
+    def run(seed: int, variant: str) -> dict:
+        out = args.work / f"{variant}-s{seed}"
+        _cli(
+            "finetune", "--model", FACTORY, "--trust-model-code", *data, "--ranking", str(ranking),
+            "--method", "trady", "--budget", args.budget, "--epochs", str(args.epochs), "--lr", str(args.lr),
+            "--batch-size", "32", "--seed", str(seed), "--engine", "torch-sparse", "--train-shifts", variant,
+            "--out", str(out), "--overwrite", "--quiet",
+        )  # fmt: skip
+        summary = json.loads((out / "summary.json").read_text())
+        row = {
+            "variant": variant,
+            "seed": seed,
+            "val_acc": summary["final_val_acc"],
+            "initial_val_acc": summary["initial_val_acc"],
+            "train_loss": summary["final_train_loss"],
+            "shift_units": summary["shift_cost"],
+            "budget_units": summary["budget_amount"],
+            "peak_rss_mib": summary["peak_rss_bytes"] / MiB,
+        }
+        print(f"{variant} seed {seed}: val_acc {row['val_acc']:.4f} peak {row['peak_rss_mib']:.1f} MiB", flush=True)
+        return row
+
+    jobs = [(seed, variant) for seed in args.seeds for variant in args.variants]
+    with ThreadPoolExecutor(args.jobs) as pool:  # each run is its own process, with its own VmHWM
+        rows = list(pool.map(lambda job: run(*job), jobs))
     saved = _saved_bytes(ranking, args.budget)
     _write(rows, saved, args)
 
