@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--budget", default="5%")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once (fresh processes each)")
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs of the same settings in --work")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=["none", "candidates"])
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--work", type=Path, default=Path("/tmp/edge-trady-norm-shifts"))
@@ -58,12 +59,13 @@ def main() -> None:
 
     def run(seed: int, variant: str) -> dict:
         out = args.work / f"{variant}-s{seed}"
-        _cli(
-            "finetune", "--model", FACTORY, "--trust-model-code", *data, "--ranking", str(ranking),
-            "--method", "trady", "--budget", args.budget, "--epochs", str(args.epochs), "--lr", str(args.lr),
-            "--batch-size", "32", "--seed", str(seed), "--engine", "torch-sparse", "--train-shifts", variant,
-            "--out", str(out), "--overwrite", "--quiet",
-        )  # fmt: skip
+        if not (args.reuse and _finished_alike(out / "summary.json", args, seed, variant)):
+            _cli(
+                "finetune", "--model", FACTORY, "--trust-model-code", *data, "--ranking", str(ranking),
+                "--method", "trady", "--budget", args.budget, "--epochs", str(args.epochs), "--lr", str(args.lr),
+                "--batch-size", "32", "--seed", str(seed), "--engine", "torch-sparse", "--train-shifts", variant,
+                "--out", str(out), "--overwrite", "--quiet",
+            )  # fmt: skip
         summary = json.loads((out / "summary.json").read_text())
         row = {
             "variant": variant,
@@ -83,6 +85,16 @@ def main() -> None:
         rows = list(pool.map(lambda job: run(*job), jobs))
     saved = _saved_bytes(ranking, args.budget)
     _write(rows, saved, args)
+
+
+def _finished_alike(path: Path, args: argparse.Namespace, seed: int, variant: str) -> bool:
+    """A finished run of these settings (``--reuse``: a bench stopped halfway goes on)."""
+    if not path.is_file():
+        return False
+    spec = json.loads(path.read_text())["spec"]
+    wanted = {"epochs": args.epochs, "per_class": args.per_class, "budget": args.budget, "lr": args.lr,
+              "seed": seed, "train_shifts": variant, "engine": "torch-sparse"}  # fmt: skip
+    return all(spec.get(key) == value for key, value in wanted.items())
 
 
 def _cli(*args: str) -> None:
