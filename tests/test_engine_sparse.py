@@ -259,10 +259,10 @@ def test_channel_gradient_norms_agree_between_engines(mobilenet) -> None:
 
 
 def test_batchnorm_shifts_train_alike_in_both_engines_and_nothing_else_moves(mobilenet) -> None:
-    from edge_trady.workstation.cost_trace import following_batchnorms
+    from edge_trady.workstation.cost_trace import norm_pairs
 
     built, layers = mobilenet
-    pairs = following_batchnorms(built.module, 32)
+    pairs = norm_pairs(built.module, 32)
     selections = _selections(layers)
     shifts = [pairs[name] for name in selections[0].channels if name in pairs]
     before = {k: v.clone() for k, v in built.module.state_dict().items()}

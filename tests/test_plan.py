@@ -35,7 +35,7 @@ class TwoLinear(nn.Module):
 def test_footprint_of_a_small_model_matches_hand_computed_bytes() -> None:
     model = TwoLinear()
     engine = TorchMaskedEngine(model, trace_layers(model, 2), "fc2")
-    fp = trace_footprint(model, engine, Selection(0, {"fc1": np.arange(12)}, 0.0), image_size=2, num_classes=4)
+    fp = trace_footprint(model, engine, Selection(0, {"fc1": np.arange(12)}, 0.0), example=2, num_classes=4)
     assert fp.weight_bytes == 4 * (12 * 8 + 8 + 8 * 4 + 4)
     assert fp.input_bytes_per_sample == 4 * 3 * 2 * 2
     assert fp.largest_activation_per_sample == 4 * 8  # fc1's output

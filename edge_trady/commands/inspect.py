@@ -25,7 +25,8 @@ def command(
 ) -> None:
     """Print every Conv2d/Linear layer with its per-input-channel costs (METHOD.md).
 
-    Columns: Cw (weight units per channel), Ca (activation units per channel, one sample),
+    Columns: the input's height x width (a Linear on tokens: their count T), Cw (weight units per
+    channel), Ca (activation units per channel, one sample: H*W, or T for a Linear on tokens),
     unit = Cw + Ca, bytes/ch at --batch-size (fp32), total units if fully updated, and the
     weight-gradient multiply-adds per channel and sample.
     """
@@ -35,7 +36,7 @@ def command(
     from ..workstation.models import build_model
 
     built = build_model(model, num_classes, image_size, trust_code=trust_model_code)
-    layers = trace_layers(built.module, image_size)
+    layers = trace_layers(built.module, built.example)
     if as_json:
         click.echo(json.dumps([layer.to_dict() | {"unit_cost": layer.unit_cost} for layer in layers], indent=1))
         return
@@ -47,7 +48,11 @@ def command(
     click.echo("-" * len(header))
     for i, layer in enumerate(layers):
         shape = "x".join(str(d) for d in layer.weight_shape)
-        hw = f"{layer.in_hw[0]}x{layer.in_hw[1]}"
+        hw = (
+            f"{layer.tokens} tok"
+            if layer.kind == "linear" and layer.tokens > 1
+            else f"{layer.in_hw[0]}x{layer.in_hw[1]}"
+        )
         click.echo(
             f"{i:>3} {layer.name:<34.34} {layer.kind:<6} {shape:<18} {layer.in_channels:>5} {hw:>8} "
             f"{layer.weight_units_per_channel:>6} {layer.act_units_per_channel:>6} "

@@ -155,8 +155,9 @@ selection_options = stack(
         type=click.Choice(["none", "candidates", "all"]),
         default="none",
         show_default=True,
-        help="Also train the BatchNorm shifts (biases) after the candidate layers, or after every layer; "
-        "their gradients are paid from the budget (one value per channel, no stored activation).",
+        help="Also train the normalization shifts (biases) of the candidate layers, or of every layer: "
+        "the BatchNorm after a conv, the LayerNorm before a Linear; their gradients are paid from the "
+        "budget (one value per channel, no stored activation). Scales stay frozen.",
     ),
     click.option(
         "--ranking",

@@ -6,8 +6,13 @@ input channel ``c`` costs ``Cw`` weight-gradient entries plus ``Ca`` stored acti
 - dense conv ``[C', C, D, D]``:   ``Cw = C' * D * D``
 - grouped conv (g groups):       ``Cw = (C'/g) * D * D``  (only the C'/g outputs of c's group)
 - depthwise conv (g = C):        ``Cw = (C'/C) * D * D``  (``D * D`` for multiplier 1)
-- linear ``[C', C]``:             ``Cw = C'``, ``Ca = 1``
+- linear ``[C', C]``:             ``Cw = C'``, ``Ca = T``
 - ``Ca = H * W`` of the layer's (unpadded) input feature map.
+
+A Linear's input channel is the feature ``c`` on its input's last axis, whatever its rank: on
+``[B, C]`` it sees one value per sample (``T = 1``), on tokens ``[B, T1, .., C]`` (attention, MLP of a
+transformer) ``T = T1 * ..`` values per sample. A Linear records ``in_hw = out_hw = (T, 1)``, so that
+``Ca = T`` and its weight gradient costs ``C' * T`` multiply-adds per channel and sample.
 
 A "unit" is one fp32 value (4 bytes). Activations scale with the batch size, weights do not.
 """
@@ -39,6 +44,11 @@ class LayerCost:
         return (self.out_channels, self.in_channels // self.groups, *self.kernel)
 
     @property
+    def tokens(self) -> int:
+        """Positions one sample's input channel has: ``H * W`` of a conv, ``T`` of a Linear."""
+        return self.in_hw[0] * self.in_hw[1]
+
+    @property
     def weight_units_per_channel(self) -> int:
         """``Cw``: weight-gradient entries that belong to one input channel."""
         return (self.out_channels // self.groups) * self.kernel[0] * self.kernel[1]
@@ -46,7 +56,7 @@ class LayerCost:
     @property
     def act_units_per_channel(self) -> int:
         """``Ca``: stored activation values of one input channel, for one sample."""
-        return self.in_hw[0] * self.in_hw[1]
+        return self.tokens
 
     @property
     def unit_cost(self) -> int:

@@ -2,9 +2,10 @@
 
 What each function keeps for backward (``S`` = the layer's selected input channels):
 
-- ``SparseConv2d`` / ``SparseLinear``: ``x[:, S]`` when the layer trains (tagged ``"selected"``, or
-  ``"classifier"`` for the head), and the weight when the gradient must flow further down (a model
-  Parameter: no copy). The weight gradient is computed for the selected entries only.
+- ``SparseConv2d`` / ``SparseLinear``: ``x[:, S]`` (a Linear on ``[B, T.., C]``: ``x[..., S]``, its
+  features ``S`` over every token) when the layer trains (tagged ``"selected"``, or ``"classifier"``
+  for the head), and the weight when the gradient must flow further down (a model Parameter: no
+  copy). The weight gradient is computed for the selected entries only.
 - ``FrozenBatchNorm``: the running variance and affine weight (model tensors: no copy); a trained
   shift needs nothing more.
 - ``ClampMask`` (ReLU, ReLU6, Hardtanh): a bool mask, or 1 bit per element when packed.
@@ -85,9 +86,9 @@ class WeightSlice:
         per_output = squares.reshape(out, per_group, -1).sum(2)
         return per_output.reshape(groups, out // groups, per_group).sum(1).reshape(-1).sqrt()
 
-    def keep(self, x: Tensor, role: str) -> Tensor:
-        """What the weight gradient needs from the input: its selected channels."""
-        return _tag(x if self.channels is None else x.index_select(1, self.channels), role)
+    def keep(self, x: Tensor, role: str, axis: int = 1) -> Tensor:
+        """What the weight gradient needs from the input: its selected channels (on ``axis``)."""
+        return _tag(x if self.channels is None else x.index_select(axis, self.channels), role)
 
 
 def _as_rows(weight: Tensor) -> Tensor:
@@ -148,20 +149,23 @@ class SparseConv2d(Function):
 
 
 class SparseLinear(Function):
-    """linear on ``[B, C]``; ``free`` stands for ``part``'s weight entries, ``bias`` may be trained."""
+    """linear on ``[B, C]`` or ``[B, T.., C]`` (features on the last axis, any leading axes: tokens);
+    ``free`` stands for ``part``'s weight entries, ``bias`` may be trained. The weight gradient sums
+    over every leading axis: ``grad[.., C']^T @ x[.., S]``."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, free, part: WeightSlice | None, role: str):
-        kept = part.keep(x, role) if ctx.needs_input_grad[3] else None
+        kept = part.keep(x, role, axis=-1) if ctx.needs_input_grad[3] else None
         ctx.save_for_backward(kept, weight if ctx.needs_input_grad[0] else None)
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         kept, weight = ctx.saved_tensors
+        rows = grad.reshape(-1, grad.shape[-1])  # [B * T.., C']
         grad_x = None if weight is None else grad @ weight
-        grad_free = None if kept is None else grad.t() @ kept
-        grad_bias = grad.sum(0) if ctx.needs_input_grad[2] else None
+        grad_free = None if kept is None else rows.t() @ kept.reshape(-1, kept.shape[-1])
+        grad_bias = rows.sum(0) if ctx.needs_input_grad[2] else None
         return grad_x, None, grad_bias, grad_free, None, None
 
 

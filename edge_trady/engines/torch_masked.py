@@ -5,7 +5,8 @@ input and computes its whole weight gradient) but is the reference the other eng
 The model runs in ``eval()`` mode: BatchNorm statistics and affine frozen, no dropout.
 Only Conv2d/Linear weights are trained (and the classifier's bias); plain SGD.
 
-``train_shifts`` names BatchNorm layers whose shift (bias) trains every epoch, BN frozen otherwise.
+``train_shifts`` names normalization layers (BatchNorm, LayerNorm) whose shift (bias) trains every
+epoch; they stay frozen otherwise.
 ``batchnorm="train"`` is full fine-tuning as users run it: during training steps the BatchNorm
 layers use batch statistics and update their running statistics, and every parameter of the model
 trains (BatchNorm affine and biases too); prediction uses the running statistics. Dropout stays off.
@@ -24,7 +25,7 @@ from ..core.layers import LayerCost
 from ..core.masks import channel_mask
 from ..core.selection import Selection
 from ..workstation.rgn import channel_grad_norms
-from .torch_state import TorchModuleState
+from .torch_state import TorchModuleState, torch_inputs
 
 GradObserver = Callable[[dict[str, torch.Tensor]], None]
 BATCHNORM_MODES = ("frozen", "train")
@@ -86,7 +87,7 @@ class TorchMaskedEngine(TorchModuleState):
         for norm in self.norms:
             norm.train(training)  # batch statistics; running statistics updated
         try:
-            logits = self.model(torch.from_numpy(x))
+            logits = self.model(*torch_inputs(x))
         finally:
             for norm in self.norms:
                 norm.eval()
@@ -115,4 +116,4 @@ class TorchMaskedEngine(TorchModuleState):
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return self.model(torch.from_numpy(x)).numpy()
+            return self.model(*torch_inputs(x)).numpy()

@@ -4,13 +4,18 @@ Same training as ``TorchMaskedEngine`` (frozen BN, no dropout, plain SGD on the 
 the whole classifier) but with real memory savings. The engine trains a *view* of the model: a copy
 of its module tree that shares every Parameter and buffer, where
 
-- Conv2d / Linear keep ``x[:, S]`` of a training layer and compute the gradient of its selected
-  entries only; a frozen layer keeps just its weight (shared) to pass the gradient down;
+- Conv2d / Linear keep ``x[:, S]`` of a training layer (a Linear on tokens ``[B, T.., C]``:
+  ``x[..., S]``) and compute the gradient of its selected entries only; a frozen layer keeps just its
+  weight (shared) to pass the gradient down;
 - BatchNorm (eval) is a per-channel scale in backward; ReLU / ReLU6 / Hardtanh keep a mask;
+- LayerNorm is left to autograd (it keeps its input, mean and inverse std where the gradient flows
+  through it); a trained LayerNorm shift is added after it and keeps nothing;
 - layers below the earliest training layer build no graph (nothing there requires grad).
 
-Anything else is left to autograd and may save its input (SiLU, hardswish, sigmoid gates, and
-functional activations called inside a ``forward``): ``saved_bytes`` reports those as ``"other"``.
+Anything else is left to autograd and keeps what autograd keeps where the gradient flows: SiLU,
+Hardswish, GELU, Sigmoid / Hardsigmoid their input, Softmax its output, the gating product of
+squeeze-excitation and the attention ``matmul``s both operands (functional activations called inside
+a ``forward`` too). ``saved_bytes`` reports those as ``"other"``.
 The model keeps its classes, and its ``state_dict`` is the engine's state.
 """
 
@@ -39,7 +44,7 @@ from .sparse_ops import (
     SparseLinear,
     WeightSlice,
 )
-from .torch_state import TorchModuleState
+from .torch_state import TorchModuleState, torch_inputs
 
 ROLES = ("selected", "classifier", "masks", "other", "shared")
 
@@ -75,7 +80,11 @@ class _Trainable(nn.Module):
             self.free = self.part.gather(self.layer.weight).requires_grad_()
         if self.train_bias:
             self.free_bias = self.layer.bias.detach().requires_grad_()
-        return [t for t in (self.free, self.free_bias) if t is not None]
+        return [leaf for _, leaf in self.named_leaves()]
+
+    def named_leaves(self) -> list[tuple[str, Tensor]]:
+        """This step's gradient leaves, named by the parameter they stand for."""
+        return [(kind, t) for kind, t in (("weight", self.free), ("bias", self.free_bias)) if t is not None]
 
     def close(self) -> None:
         self.free = self.free_bias = None
@@ -121,41 +130,60 @@ class _Linear(_Trainable):
         weight, bias = self.layer.weight, self.layer.bias
         if not (torch.is_grad_enabled() and self._graph_needed(x)):
             return F.linear(x, weight, bias)
-        if x.dim() != 2:
-            raise EdgeTradyError(f"torch-sparse: Linear on a {x.dim()}-D input is not supported")
         bias = self.free_bias if self.free_bias is not None else bias
         return SparseLinear.apply(x, weight, bias, self.free, self.part, self.role)
 
 
-class _BatchNorm(nn.Module):
-    """Frozen BatchNorm; its shift (bias) may train (``train_shift``)."""
+class _Norm(nn.Module):
+    """A frozen normalization layer whose shift (bias) may train (``train_shift``)."""
 
-    def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+    def __init__(self, norm: nn.Module) -> None:
         super().__init__()
-        if bn.running_mean is None or bn.running_var is None:
-            raise EdgeTradyError("torch-sparse needs BatchNorm layers with running statistics")
-        self.bn = bn
+        self.norm = norm
         self.train_shift = False
         self.free: Tensor | None = None
 
     def open(self) -> list[Tensor]:
         if self.train_shift:
-            self.free = self.bn.bias.detach().requires_grad_()
-        return [self.free] if self.free is not None else []
+            self.free = self.norm.bias.detach().requires_grad_()
+        return [leaf for _, leaf in self.named_leaves()]
+
+    def named_leaves(self) -> list[tuple[str, Tensor]]:
+        return [("bias", self.free)] if self.free is not None else []
 
     def close(self) -> None:
         self.free = None
 
     def sgd_(self, grads: Iterator[Tensor | None], lr: float) -> None:
         if self.train_shift and (grad := next(grads)) is not None:
-            self.bn.bias.add_(grad, alpha=-lr)
+            self.norm.bias.add_(grad, alpha=-lr)
+
+
+class _BatchNorm(_Norm):
+    """Frozen BatchNorm (running statistics): a per-channel scale in backward."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        if bn.running_mean is None or bn.running_var is None:
+            raise EdgeTradyError("torch-sparse needs BatchNorm layers with running statistics")
+        super().__init__(bn)
 
     def forward(self, x: Tensor) -> Tensor:
-        bn = self.bn
+        bn = self.norm
         bias = self.free if self.free is not None else bn.bias
         if not (torch.is_grad_enabled() and (x.requires_grad or self.free is not None)):
             return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bias, False, 0.0, bn.eps)
         return FrozenBatchNorm.apply(x, bn.running_mean, bn.running_var, bn.weight, bias, bn.eps)
+
+
+class _LayerNorm(_Norm):
+    """LayerNorm, left to autograd; a trained shift is added after it, so that training the shift
+    alone keeps nothing (autograd's layer norm would keep its input as soon as its bias trains)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        ln = self.norm
+        if self.free is None:
+            return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+        return F.layer_norm(x, ln.normalized_shape, ln.weight, None, ln.eps) + self.free
 
 
 class _Clamp(nn.Module):
@@ -193,7 +221,7 @@ def conv_geometry(conv: nn.Conv2d) -> ConvGeometry:
 
 def sparse_view(model: nn.Module, classifier: str, packed: bool) -> tuple[nn.Module, dict[str, nn.Module]]:
     """A copy of ``model``'s module tree sharing its tensors, with sparse-aware modules substituted;
-    also returns the Conv2d/Linear and BatchNorm wrappers by qualified name. ``packed``: 1-bit
+    also returns the Conv2d/Linear and normalization wrappers by qualified name. ``packed``: 1-bit
     activation masks."""
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     net = copy.deepcopy(model, memo=shared).eval()
@@ -205,7 +233,7 @@ def sparse_view(model: nn.Module, classifier: str, packed: bool) -> tuple[nn.Mod
             if substitute is None:
                 continue
             replaced[id(module)] = substitute
-            if isinstance(substitute, (_Trainable, _BatchNorm)):
+            if isinstance(substitute, (_Trainable, _Norm)):
                 trainable[name] = substitute
         parent, _, attr = name.rpartition(".")
         setattr(net.get_submodule(parent), attr, replaced[id(module)])
@@ -221,6 +249,8 @@ def _substitute(module: nn.Module, is_classifier: bool, packed: bool) -> nn.Modu
         return _Linear(module, "classifier" if is_classifier else "selected")
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return _BatchNorm(module)
+    if isinstance(module, nn.LayerNorm) and type(module).forward is nn.LayerNorm.forward:
+        return _LayerNorm(module)
     if isinstance(module, nn.ReLU):
         return _Clamp(0.0, None, packed)
     if isinstance(module, nn.Hardtanh):  # ReLU6 too
@@ -290,7 +320,8 @@ class TorchSparseEngine(TorchModuleState):
             param.requires_grad_(False)
         self.net, wrappers = sparse_view(model, classifier, packed_masks)
         self.trainable = {name: m for name, m in wrappers.items() if isinstance(m, _Trainable)}
-        self.shifts: list[_BatchNorm] = [wrappers[name] for name in train_shifts]
+        self._names = {id(module): name for name, module in wrappers.items()}
+        self.shifts: list[_Norm] = [wrappers[name] for name in train_shifts]
         for norm in self.shifts:
             norm.train_shift = True
         self.active: list[_Trainable] = []
@@ -324,13 +355,24 @@ class TorchSparseEngine(TorchModuleState):
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, int]:
         target = torch.from_numpy(y)
         with self._leaves() as leaves:
-            logits = self.net(torch.from_numpy(x))
+            logits = self.net(*torch_inputs(x))
             loss = F.cross_entropy(logits, target)
             grads = iter(torch.autograd.grad(loss, leaves, allow_unused=True))
         with torch.no_grad():
             for module in [*self.active, *self.shifts]:
                 module.sgd_(grads, lr)
         return float(loss.detach()), int((logits.detach().argmax(1) == target).sum())
+
+    def gradients(self, x: np.ndarray, y: np.ndarray) -> dict[str, Tensor]:
+        """One batch's gradients of what trains, without a step: ``LAYER.weight`` (the selected
+        entries, shaped as ``WeightSlice``: ``[C', |S|]`` for a Linear), ``LAYER.bias`` (the
+        classifier) and ``NORM.bias`` (trained shifts)."""
+        with self._leaves() as leaves:
+            modules = [*self.active, *self.shifts]
+            named = [f"{self._names[id(m)]}.{kind}" for m in modules for kind, _ in m.named_leaves()]
+            loss = F.cross_entropy(self.net(*torch_inputs(x)), torch.from_numpy(y))
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        return dict(zip(named, grads, strict=True))
 
     def saved_bytes(self, x: np.ndarray, y: np.ndarray) -> dict[str, int]:
         """Bytes one step on this batch keeps for backward (``SavedTensorLedger`` roles), plus the
@@ -341,14 +383,14 @@ class TorchSparseEngine(TorchModuleState):
         head = self.trainable[self.classifier]
         totals = ledger.totals()
         totals["weight_grads"] = sum(m.grad_bytes() for m in self.active if m is not head)
-        totals["weight_grads"] += sum(n.bn.bias.numel() * n.bn.bias.element_size() for n in self.shifts)
+        totals["weight_grads"] += sum(n.norm.bias.numel() * n.norm.bias.element_size() for n in self.shifts)
         totals["classifier_grads"] = head.grad_bytes()
         return totals
 
     def forward_loss(self, x: np.ndarray, y: np.ndarray) -> Tensor:
         """The loss of a training step's forward, with its graph (for tracing what autograd saves)."""
         with self._leaves():
-            return F.cross_entropy(self.net(torch.from_numpy(x)), torch.from_numpy(y))
+            return F.cross_entropy(self.net(*torch_inputs(x)), torch.from_numpy(y))
 
     @contextmanager
     def _leaves(self) -> Iterator[list[Tensor]]:
@@ -361,7 +403,7 @@ class TorchSparseEngine(TorchModuleState):
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return self.net(torch.from_numpy(x)).numpy()
+            return self.net(*torch_inputs(x)).numpy()
 
     def trainable_state(self) -> dict[str, np.ndarray]:
         """Copies of the tensors that can train: the weight of every layer the engine was given,

@@ -25,10 +25,10 @@ from ..device.rundir import DONE_FILE, SUMMARY_FILE, TRAINING_OUTPUTS, open_run_
 from ..device.runner import channel_sampler
 from ..engines.torch_masked import TorchMaskedEngine
 from ..errors import EdgeTradyError, RunFolderError
-from .cost_trace import following_batchnorms, trace_layers
+from .cost_trace import norm_pairs, trace_layers
 from .models import BuiltModel, build_model, model_normalization
 from .ranking import DEFAULT_K_RATIO, DEFAULT_THRESHOLD, K_RULES, Ranking, budget_top_k, build_ranking
-from .rgn import channel_rgn, layer_lara
+from .rgn import LayerScores, channel_rgn
 
 ENGINES = ("torch-masked", "torch-sparse", "ort", "portable")
 RANKING_FILE = "ranking.json"
@@ -67,7 +67,7 @@ class FinetuneSpec:
     rank_score: str = "rgn"  # layer score of the ranking: "rgn" (TraDy) or "lara" (MeDyate)
     k_rule: str = "threshold"  # top-K: "threshold" share of the score, or "budget" (B_mem / M_K <= k_ratio)
     k_ratio: float = DEFAULT_K_RATIO
-    train_shifts: str = "none"  # BatchNorm shifts trained too: "none", "candidates" (after candidate layers), "all"
+    train_shifts: str = "none"  # norm shifts trained too: "none", "candidates" (those of candidate layers), "all"
     top_k: list[str] | None = None  # explicit candidate layers (from a plan)
     engine: str = "torch-masked"
     score_batches: int = 4  # batches used to score channels for the RGN oracles
@@ -110,7 +110,7 @@ def prepare(spec: FinetuneSpec, progress: Progress | None = None) -> Prepared:
             f"validation data has {val_data.num_classes} classes, training data {train_data.num_classes} ({val_spec})"
         )
     built = build_model(spec.model, train_data.num_classes, spec.image_size, spec.seed, spec.trust_model_code)
-    layers = trace_layers(built.module, spec.image_size)
+    layers = trace_layers(built.module, built.example)
     total = full_units(layers)
     budget, note = cap_budget(budget.resolve(total), layers, spec.batch_size)
     if note and progress is not None:
@@ -127,19 +127,21 @@ def make_sampler(prep: Prepared, spec: FinetuneSpec, top_k: list[str] | None, re
 
 
 def shift_layers(prep: Prepared, spec: FinetuneSpec, candidates: list[str]) -> list[str]:
-    """BatchNorm layers whose shift trains (``spec.train_shifts``: after the candidate layers, or all)."""
+    """Normalization layers whose shift (bias) trains (``spec.train_shifts``): the BatchNorm after a
+    conv and the LayerNorm before a Linear (``cost_trace.norm_pairs``) of the candidate layers, or of
+    every layer but the classifier; each once."""
     if spec.train_shifts == "none":
         return []
     if spec.train_shifts not in SHIFT_SCOPES:
         raise EdgeTradyError(f"train_shifts must be one of {SHIFT_SCOPES}, got {spec.train_shifts!r}")
-    pairs = following_batchnorms(prep.built.module, spec.image_size)
-    convs = candidates if spec.train_shifts == "candidates" else [layer.name for layer in prep.candidates]
-    return [pairs[name] for name in convs if name in pairs]
+    pairs = norm_pairs(prep.built.module, prep.built.example)
+    layers = candidates if spec.train_shifts == "candidates" else [layer.name for layer in prep.candidates]
+    return list(dict.fromkeys(pairs[name] for name in layers if name in pairs))
 
 
 def shift_cost(prep: Prepared, shifts: list[str]) -> float:
     """Budget the shifts take: one gradient value per channel (no stored activation), in the budget's unit."""
-    values = sum(prep.built.module.get_submodule(name).num_features for name in shifts)
+    values = sum(prep.built.module.get_submodule(name).bias.numel() for name in shifts)
     return float(values * (BYTES_PER_UNIT if prep.budget.unit == "bytes" else 1))
 
 
@@ -158,19 +160,10 @@ def choose_top_k(ranking: Ranking, prep: Prepared, spec: FinetuneSpec) -> list[s
 def compute_ranking(prep: Prepared, spec: FinetuneSpec, progress: Progress, score: str = "rgn") -> Ranking:
     """Fine-tune every layer with full gradients for ``spec.rank_epochs``; rank by RGN."""
     engine = TorchMaskedEngine(prep.built.module, prep.layers, prep.built.classifier)
-    by_name = {layer.name: layer for layer in prep.candidates}
-    rgn = dict.fromkeys(by_name, 0.0)
-    lara = dict.fromkeys(by_name, 0.0)
-
-    def observe(grads: dict[str, torch.Tensor]) -> None:
-        for name, grad in grads.items():
-            if name in by_name:
-                rgn[name] += float(channel_rgn(by_name[name], grad).sum())
-                lara[name] += layer_lara(by_name[name], grad)
-
-    engine.grad_observer = observe
+    scores = LayerScores(prep.candidates)
+    engine.grad_observer = scores.observe
     sampler = ChannelSampler(
-        "full", [CandidateLayer(n, c.in_channels, 0.0) for n, c in by_name.items()], None, spec.seed
+        "full", [CandidateLayer(c.name, c.in_channels, 0.0) for c in prep.candidates], None, spec.seed
     )
     config = TrainConfig(spec.rank_epochs, spec.batch_size, spec.rank_lr, 0, spec.seed)
     initial = {k: v.clone() for k, v in prep.built.module.state_dict().items()}
@@ -185,7 +178,7 @@ def compute_ranking(prep: Prepared, spec: FinetuneSpec, progress: Progress, scor
         "lr": spec.rank_lr,
         "seed": spec.seed,
     }
-    return build_ranking(spec.model, spec.image_size, rgn, lara, spec.threshold, score, source)
+    return build_ranking(spec.model, spec.image_size, scores.rgn, scores.lara, spec.threshold, score, source)
 
 
 def rgn_score_fn(engine: TorchMaskedEngine, prep: Prepared, sampler: ChannelSampler, spec: FinetuneSpec):

@@ -16,6 +16,8 @@ from torch import nn
 
 from ..core.selection import Selection
 from ..engines.base import Engine
+from ..engines.torch_state import torch_inputs
+from .example_input import ExampleInput, as_example
 
 
 @dataclass(frozen=True)
@@ -39,18 +41,20 @@ class Footprint:
 
 
 def trace_footprint(
-    model: nn.Module, engine: Engine, selection: Selection, image_size: int, num_classes: int
+    model: nn.Module, engine: Engine, selection: Selection, example: ExampleInput | int, num_classes: int
 ) -> Footprint:
-    """Measure the model's activation sizes and what ``engine`` saves for ``selection``."""
-    largest, forward_peak = _activation_sizes(model, image_size)
+    """Measure the model's activation sizes and what ``engine`` saves for ``selection``, on batches of
+    ``example`` (an int: an image size)."""
+    example = as_example(example)
+    largest, forward_peak = _activation_sizes(model, example)
     engine.set_selection(selection)
-    one = _saved_bytes(model, engine, 1, image_size, num_classes)
-    two = _saved_bytes(model, engine, 2, image_size, num_classes)
+    one = _saved_bytes(model, engine, 1, example, num_classes)
+    two = _saved_bytes(model, engine, 2, example, num_classes)
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     return Footprint(
         weight_bytes=weights,
-        input_bytes_per_sample=3 * image_size * image_size * 4,
+        input_bytes_per_sample=example.bytes_per_sample,
         largest_activation_per_sample=largest,
         forward_peak_per_sample=forward_peak,
         saved_bytes_per_sample=two - one,
@@ -59,7 +63,7 @@ def trace_footprint(
     )
 
 
-def _activation_sizes(model: nn.Module, image_size: int) -> tuple[int, int]:
+def _activation_sizes(model: nn.Module, example: ExampleInput) -> tuple[int, int]:
     largest = peak = 0
 
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -74,14 +78,14 @@ def _activation_sizes(model: nn.Module, image_size: int) -> tuple[int, int]:
     handles = [m.register_forward_hook(hook) for m in leaves]
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, image_size, image_size))
+            model(*torch_inputs(example.arrays(1)))
     finally:
         for handle in handles:
             handle.remove()
     return largest, peak
 
 
-def _saved_bytes(model: nn.Module, engine: Engine, batch: int, image_size: int, num_classes: int) -> int:
+def _saved_bytes(model: nn.Module, engine: Engine, batch: int, example: ExampleInput, num_classes: int) -> int:
     owned = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     storages: dict[int, int] = {}
 
@@ -91,12 +95,12 @@ def _saved_bytes(model: nn.Module, engine: Engine, batch: int, image_size: int, 
             storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    x = np.zeros((batch, 3, image_size, image_size), dtype=np.float32)
+    x = example.arrays(batch)
     y = np.arange(batch, dtype=np.int64) % num_classes
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         forward = getattr(engine, "forward_loss", None)
         if forward is not None:
             forward(x, y)
         else:
-            F.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
+            F.cross_entropy(model(*torch_inputs(x)), torch.from_numpy(y))
     return sum(storages.values())

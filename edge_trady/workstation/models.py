@@ -9,7 +9,12 @@ References:
 - ``path/to/file.py:fn`` or ``package.module:fn``: ``fn`` returns an ``nn.Module``; it gets
   ``num_classes=`` if it accepts it, otherwise its last Linear layer is replaced. A factory is
   Python code that runs with the user's permissions, so it is built only with ``trust_code``
-  (``--trust-model-code``): a plan file naming one must not run it just by being read.
+  (``--trust-model-code``): a plan file naming one must not run it just by being read. A factory's
+  model takes images unless it carries an ``example_input`` attribute (an ``ExampleInput``, e.g.
+  ``TokenInput(max_tokens)`` for token ids and an attention mask).
+
+Every ``nn.MultiheadAttention`` is split into four Linear modules (``workstation.attention``), so that
+its projections are layers like any other.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from torch import nn
 
 from ..device.data import IMAGENET, MINUS_ONE_TO_ONE, Normalization
 from ..errors import EdgeTradyError, UntrustedCodeError
+from .attention import split_multihead_attention
+from .example_input import ExampleInput, ImageInput, TokenInput
 
 BUILTINS = ("efficientnet-lite0", "efficientnet-lite1", "mobilenetv2-w<width>")
 _MOBILENET = re.compile(r"^mobilenetv2-w(\d+(?:\.\d+)?)$")
@@ -42,6 +49,7 @@ class BuiltModel:
     classifier: str  # qualified name of the final Linear layer (always trained)
     normalization: Normalization
     pretrained: bool
+    example: ExampleInput  # what its forward takes (tracing runs it on this)
 
 
 def model_normalization(ref: str) -> Normalization:
@@ -73,10 +81,25 @@ def build_model(ref: str, num_classes: int, image_size: int, seed: int = 0, trus
             f"unknown model {ref!r}: use one of {', '.join(BUILTINS)}, "
             "or a factory 'path/to/file.py:fn' / 'package.module:fn'"
         )
+    split_multihead_attention(module)
     module.eval()
+    example = _example_input(module, ref, image_size)
     return BuiltModel(
-        module, ref, num_classes, image_size, classifier_name(module), model_normalization(ref), pretrained
+        module, ref, num_classes, image_size, classifier_name(module), model_normalization(ref), pretrained, example
     )
+
+
+def _example_input(module: nn.Module, ref: str, image_size: int) -> ExampleInput:
+    """The model's own ``example_input`` if it declares one, else images of ``image_size``."""
+    declared = getattr(module, "example_input", None)
+    if declared is None:
+        return ImageInput(image_size)
+    if not isinstance(declared, ImageInput | TokenInput):
+        raise EdgeTradyError(
+            f"{ref}: example_input must be an ImageInput or a TokenInput "
+            f"(edge_trady.workstation.example_input), got {type(declared).__name__}"
+        )
+    return declared
 
 
 def classifier_name(module: nn.Module) -> str:

@@ -23,6 +23,7 @@ from ..device.progress import Progress
 from ..engines.torch_masked import TorchMaskedEngine
 from ..errors import PlanError
 from .cost_trace import trace_layers
+from .example_input import ImageInput
 from .footprint import Footprint, trace_footprint
 from .models import BuiltModel, build_model, model_normalization
 from .ranking import Ranking
@@ -81,7 +82,7 @@ def make_plan(req: PlanRequest, progress: Progress) -> Plan:
     setup = _setup(req, progress)
     usable = req.profile.usable_memory_bytes
     baseline = _baseline(req.profile, req.engine)
-    full = _footprint(setup, req.engine, setup.candidates, req.image_size)
+    full = _footprint(setup, req.engine, setup.candidates)
     if req.budget is not None:
         resolved = parse_budget(req.budget).resolve(full_units(setup.layers))
         budget, note = cap_budget(resolved, setup.layers, req.batch_size)
@@ -155,7 +156,7 @@ def _setup(req: PlanRequest, progress: Progress) -> _Setup:
     if not num_classes:
         raise PlanError("give --data (to rank layers and size the data set) or --num-classes")
     built = build_model(req.model, num_classes, req.image_size, req.seed, req.trust_model_code)
-    layers = trace_layers(built.module, req.image_size)
+    layers = trace_layers(built.module, built.example)
     ranking = _ranking(req, built, train, val, progress)
     names = [layer.name for layer in layers if layer.name != built.classifier]
     top_k = ranking.top_k(req.threshold) if ranking else None
@@ -196,7 +197,7 @@ def _ranking(req: PlanRequest, built, train, val, progress: Progress) -> Ranking
         threshold=req.threshold,
         trust_model_code=req.trust_model_code,
     )
-    layers = trace_layers(built.module, req.image_size)
+    layers = trace_layers(built.module, built.example)
     prep = Prepared(built, layers, train, val, parse_budget("100%"), full_units(layers))
     progress.line(f"ranking layers ({req.rank_epochs} epoch(s) of full fine-tuning on {train.source})")
     return compute_ranking(prep, spec, progress)
@@ -210,7 +211,7 @@ def _baseline(profile: DeviceProfile, engine: str) -> int:
     return value
 
 
-def _footprint(setup: _Setup, engine: str, layers: list[LayerCost], image_size: int) -> Footprint:
+def _footprint(setup: _Setup, engine: str, layers: list[LayerCost]) -> Footprint:
     """Trace what the engine keeps when ``layers`` are trainable (all channels; sparse: one each)."""
     model = setup.built.module
     if engine in SPARSE_ENGINES:
@@ -222,7 +223,7 @@ def _footprint(setup: _Setup, engine: str, layers: list[LayerCost], image_size: 
         traced = TorchMaskedEngine(model, setup.layers, setup.built.classifier)
         selection = Selection(0, {layer.name: np.arange(layer.in_channels) for layer in layers}, 0.0)
     try:
-        return trace_footprint(model, traced, selection, image_size, setup.built.num_classes)
+        return trace_footprint(model, traced, selection, setup.built.example, setup.built.num_classes)
     finally:
         for param in model.parameters():
             param.requires_grad_(False)
@@ -322,7 +323,7 @@ def _largest_fitting(
                 "budget for memory"
             )
             return float(top), "bytes", estimate, [note]
-        head_only = _footprint(setup, req.engine, [], req.image_size)
+        head_only = _footprint(setup, req.engine, [])
         estimate = _estimate(req, setup, head_only, baseline, 0)
         if estimate.peak_bytes > usable:
             _refuse(req, setup, estimate, usable, "the classifier alone")
@@ -355,7 +356,7 @@ def _suggestions(req: PlanRequest, setup: _Setup, usable: int) -> list[str]:
     """Settings whose smallest plan (classifier only) fits: as asked, a smaller batch, a smaller image."""
     found = []
     baseline = _baseline(req.profile, req.engine)
-    head_only = _footprint(setup, req.engine, [], req.image_size)
+    head_only = _footprint(setup, req.engine, [])
     if _estimate(req, setup, head_only, baseline, 0).peak_bytes <= usable:
         found.append(f"--method classifier-only at batch {req.batch_size}, {req.image_size} px")
     batch = req.batch_size // 2
@@ -365,15 +366,16 @@ def _suggestions(req: PlanRequest, setup: _Setup, usable: int) -> list[str]:
             found.append(f"--batch-size {batch}")
             break
         batch //= 2
-    for size in (req.image_size * 3 // 4, req.image_size // 2):
+    sizes = (req.image_size * 3 // 4, req.image_size // 2) if isinstance(setup.built.example, ImageInput) else ()
+    for size in sizes:
         if size < 16 or size == req.image_size:
             continue
         built = build_model(req.model, setup.built.num_classes, size, req.seed, req.trust_model_code)
-        layers = trace_layers(built.module, size)
+        layers = trace_layers(built.module, built.example)
         smaller_setup = _Setup(
             built, layers, [], None, None, None, setup.dataset_bytes * size**2 // req.image_size**2, setup.load_bytes
         )
-        fp = _footprint(smaller_setup, req.engine, [], size)
+        fp = _footprint(smaller_setup, req.engine, [])
         sized = PlanRequest(**{**req.__dict__, "image_size": size})
         if _estimate(sized, smaller_setup, fp, baseline, 0).peak_bytes <= usable:
             found.append(f"--image-size {size}")
@@ -400,8 +402,8 @@ def _compare_engines(req: PlanRequest, setup: _Setup, usable: int, budget_bytes:
             rows.append(row)
             continue
         sparse = engine in SPARSE_ENGINES
-        full = _footprint(setup, engine, setup.candidates, req.image_size)
-        head = full if sparse else _footprint(setup, engine, [], req.image_size)
+        full = _footprint(setup, engine, setup.candidates)
+        head = full if sparse else _footprint(setup, engine, [])
         at_budget = _estimate(req, setup, full, baseline, budget_bytes, engine, share).peak_bytes
         smallest = _estimate(req, setup, head, baseline, 0, engine).peak_bytes
         fits = "yes" if at_budget <= usable else "classifier only" if smallest <= usable else "no"

@@ -1,4 +1,5 @@
-"""Reweighted gradient norms (METHOD.md): per input channel and per layer."""
+"""Reweighted gradient norms (METHOD.md): per input channel and per layer, and their sums over the
+steps of the ranking's fine-tuning."""
 
 from __future__ import annotations
 
@@ -26,3 +27,19 @@ def channel_rgn(layer: LayerCost, grad: torch.Tensor) -> torch.Tensor:
 def layer_lara(layer: LayerCost, grad: torch.Tensor) -> float:
     """LaRa (MeDyate): ``||dL/dW||_2 / sum_c (Cw + Ca)``."""
     return float(grad.norm()) / layer.total_units
+
+
+class LayerScores:
+    """RGN and LaRa of each layer summed over the steps whose full weight gradients it observes
+    (``observe`` is a ``TorchMaskedEngine.grad_observer``); gradients of other tensors are ignored."""
+
+    def __init__(self, layers: list[LayerCost]) -> None:
+        self.layers = {layer.name: layer for layer in layers}
+        self.rgn = dict.fromkeys(self.layers, 0.0)
+        self.lara = dict.fromkeys(self.layers, 0.0)
+
+    def observe(self, grads: dict[str, torch.Tensor]) -> None:
+        for name, grad in grads.items():
+            if name in self.layers:
+                self.rgn[name] += float(channel_rgn(self.layers[name], grad).sum())
+                self.lara[name] += layer_lara(self.layers[name], grad)

@@ -50,7 +50,7 @@ def export_plan(
     check_export_target(out_dir, overwrite)
     trainable = [layer.name for layer in plan_sampler(plan).layers]
     built = build_model(plan.model, plan.num_classes, plan.image_size, plan.seed, trust_model_code)
-    layers = trace_layers(built.module, plan.image_size)
+    layers = trace_layers(built.module, built.example)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_sibling(out_dir)
     args = (built.module, layers, trainable, built.classifier, plan.image_size, staging)
