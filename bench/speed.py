@@ -27,8 +27,10 @@ The workers also give the training-phase peak (VmHWM reset by ``/proc/self/clear
 
     python bench/speed.py
 
-Prints the table and the targets of issue 9 item 4; writes bench/results/speed.{csv,json,png} and
-docs/speed.md (keeps the text after ``<!-- discussion -->``).
+Reference rows (with ``portable``): the inference pass of the same network and the step's FLOP floor
+(``step_profile.step_flops``, in inference passes). Prints the table and the targets of issue 9 item 4
+and issue 23; writes bench/results/speed.{csv,json,png} and docs/speed.md (keeps the text after
+``<!-- discussion -->``).
 """
 
 from __future__ import annotations
@@ -237,7 +239,31 @@ def measure(args: argparse.Namespace, directory: Path, raw: dict) -> tuple[list[
                 "torch_loaded": SETUPS[engine].runner == "finetune",
             }
         )
+    if "portable" in args.engines:  # reference rows: the same network's inference pass and the step's floor
+        rows += reference_rows(directory / "portable", plans["portable"], infer_rows["onnxruntime"], args.batch_size)
     return rows, [{"runtime": runtime, **row} for runtime, row in infer_rows.items()]
+
+
+def reference_rows(folder: Path, plan_path: Path, inference: dict, batch: int) -> list[dict]:
+    """The inference pass of the portable artifact's network (plain onnxruntime) and the step's FLOP
+    floor (``step_profile.step_flops``: that many inference passes), as rows of the engine table."""
+    import onnx
+
+    from edge_trady.core.plan import Plan
+    from edge_trady.device.runner import plan_sampler
+    from edge_trady.engines.portable_format import PortableLayout
+    from edge_trady.workstation.export.step_profile import step_flops
+
+    layout = PortableLayout.load(folder / "artifact")
+    forward = onnx.load(folder / "artifact" / layout.inference_model)
+    flops = step_flops(forward, layout, plan_sampler(Plan.load(plan_path)).select(0), batch)
+    seconds = inference["cpu_step_s"]
+    floor = f"{flops.floor_passes:.2f} inference passes"
+    rows = [("inference pass", "onnxruntime", seconds), ("FLOP floor of the step", floor, seconds * flops.floor_passes)]
+    return [
+        {"engine": name, "runtime": runtime, "cpu_step_s": t, "images_per_s_cpu": batch / t, "reference": True}
+        for name, runtime, t in rows
+    ]
 
 
 def _selection_size(plan_path: Path) -> tuple[int, int]:
@@ -274,23 +300,32 @@ def _highest(results: list[dict], key: str) -> float | None:
 
 
 def targets(rows: list[dict]) -> list[dict]:
-    """Issue 9 item 4's targets, each with the figures it compares."""
+    """Issue 9 item 4's and issue 23's targets, each with the figures it compares."""
     by = {r["engine"]: r for r in rows}
+    checks = []
+    if {"portable", "inference pass"} <= set(by):
+        step, passes = by["portable"]["cpu_step_s"], by["inference pass"]["cpu_step_s"]
+        checks.append(("portable step <= 3.0x the inference pass (CPU time)", step / passes, 3.0, "<="))
     if not {"portable", "ort", "torch-sparse", "torch-full"} <= set(by):
-        return []
+        return _checked(checks)
     p, o, s, f = by["portable"], by["ort"], by["torch-sparse"], by["torch-full"]
-    checks = [
+    checks += [
         ("portable peak <= 0.5x ORT-training runner's", p["process_peak_mib"], 0.5 * o["process_peak_mib"], "<="),
         ("portable peak < torch-sparse's", p["process_peak_mib"], s["process_peak_mib"], "<"),
         ("portable images/s >= torch-sparse's", p["images_per_s_cpu"], s["images_per_s_cpu"], ">="),
         ("portable images/s >= 1.5x ORT-training's", p["images_per_s_cpu"], 1.5 * o["images_per_s_cpu"], ">="),
         ("portable overhead <= full fine-tuning's / 10", p["overhead_mib"], f["overhead_mib"] / 10, "<="),
     ]
+    return _checked(checks)
+
+
+def _checked(checks: list[tuple]) -> list[dict]:
     met = {"<=": lambda a, b: a <= b, "<": lambda a, b: a < b, ">=": lambda a, b: a >= b}
     return [{"target": t, "value": v, "bound": b, "met": met[op](v, b)} for t, v, b, op in checks]
 
 
 def table(rows: list[dict]) -> str:
+    """The engines' rows, then the reference rows (inference pass, FLOP floor: speed only)."""
     lines = [
         "| engine | runtime | trained layers / channels | whole-process peak MiB | predicted MiB "
         "| inference-only peak MiB | training overhead MiB | CPU s/step | images/s (CPU time) "
@@ -298,6 +333,10 @@ def table(rows: list[dict]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if r.get("reference"):
+            speed = f"{r['cpu_step_s']:.3f} | {r['images_per_s_cpu']:.1f}"
+            lines.append(f"| *{r['engine']}* (reference) | {r['runtime']} | - | - | - | - | - | {speed} | - | - |")
+            continue
         lines.append(
             f"| {r['engine']} | {r['runtime']} | {r['layers']} / {r['channels']} | **{r['process_peak_mib']:.1f}** | "
             f"{r['predicted_peak_mib']:.1f} | {r['inference_peak_mib']:.1f} | {r['overhead_mib']:.1f} | "
@@ -320,7 +359,7 @@ def inference_table(rows: list[dict]) -> str:
 def targets_table(checks: list[dict]) -> str:
     lines = ["| target | value | bound | met |", "|---|---|---|---|"]
     for c in checks:
-        lines.append(f"| {c['target']} | {c['value']:.1f} | {c['bound']:.1f} | {'yes' if c['met'] else '**no**'} |")
+        lines.append(f"| {c['target']} | {c['value']:.2f} | {c['bound']:.2f} | {'yes' if c['met'] else '**no**'} |")
     return "\n".join(lines)
 
 
@@ -332,6 +371,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
     from edge_trady.core.atomic import replacing
 
+    every = rows
+    rows = [r for r in rows if not r.get("reference")]
     names = [r["engine"] for r in rows]
     xs = range(len(rows))
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -342,8 +383,9 @@ def plot(rows: list[dict], path: Path) -> None:
     left.set_xticks(list(xs), names, rotation=20)
     left.set_ylabel("whole-process peak (VmHWM), MiB")
     left.legend(fontsize=7)
-    right.bar(xs, [r["images_per_s_cpu"] for r in rows], color="tab:blue")
-    right.set_xticks(list(xs), names, rotation=20)
+    colors = ["lightgrey" if r.get("reference") else "tab:blue" for r in every]
+    right.bar(range(len(every)), [r["images_per_s_cpu"] for r in every], color=colors)
+    right.set_xticks(list(range(len(every))), [r["engine"] for r in every], rotation=20)
     right.set_ylabel("training images/s (CPU time, 1 thread)")
     fig.suptitle(f"{MODEL}, Fashion-MNIST, 64 px, batch 32, TraDy 2 % (full: every weight)")
     fig.tight_layout()
@@ -356,7 +398,7 @@ def write(rows: list[dict], infer: list[dict], checks: list[dict], meta: dict, a
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     with replacing(RESULTS / "speed.csv") as tmp, tmp.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, list(rows[0]))
+        writer = csv.DictWriter(handle, list(dict.fromkeys(k for r in rows for k in r)), restval="")
         writer.writeheader()
         writer.writerows(rows)
     write_json(RESULTS / "speed.json", {"meta": meta, "engines": rows, "inference": infer, "targets": checks})
@@ -383,7 +425,11 @@ def write(rows: list[dict], infer: list[dict], checks: list[dict], meta: dict, a
         f"{args.steps} timed steps in each of {args.repeats} fresh worker processes per engine with one thread: "
         f"the machine is shared (2 cores, load {meta['load']:.1f}), so CPU time, not wall time, measures the "
         f"engines. **training-phase peak**: the workers' VmHWM while stepping "
-        f"(reset after set-up).\n\n{text}\n\n{MARKER}{tail}",
+        f"(reset after set-up). Reference rows: the *inference pass* of the same network (the portable "
+        f"runner's fine-tuned model on plain onnxruntime, one thread, the same batches) and the *FLOP "
+        f"floor of the step* (forward + input gradients above the earliest candidate + the selected "
+        f"channels' weight gradients, `bench/step_profile.py`), as that many inference passes."
+        f"\n\n{text}\n\n{MARKER}{tail}",
     )
 
 

@@ -81,6 +81,17 @@ def test_batch_normalises_to_minus_one_one_and_imagenet() -> None:
     np.testing.assert_allclose(x[0, :, 0, 0], expected, rtol=1e-5)
 
 
+def test_batch_written_into_an_earlier_batch_equals_a_new_one() -> None:
+    rng = np.random.default_rng(0)
+    ds = ImageDataset(rng.integers(0, 256, (6, 4, 4, 3), dtype=np.uint8), np.arange(6), ["c"], IMAGENET, "test")
+    first, _ = ds.batch(np.array([0, 1, 2]))
+    again, labels = ds.batch(np.array([5, 3, 4]), out=first)
+    assert again is first and labels.tolist() == [5, 3, 4]
+    assert np.array_equal(again, ds.batch(np.array([5, 3, 4]))[0])
+    partial, _ = ds.batch(np.array([1]), out=first)  # another shape: a new array
+    assert partial is not first and np.array_equal(partial, ds.batch(np.array([1]))[0])
+
+
 def test_batches_cover_order_once_and_keep_last_partial() -> None:
     n = 10
     ds = ImageDataset(np.zeros((n, 2, 2, 3), np.uint8), np.arange(n), ["c"], IMAGENET, "test")

@@ -235,3 +235,18 @@ def test_cgroup_limits(monkeypatch, files, memory, cpus) -> None:
     monkeypatch.setattr(device, "_read", lambda path: files.get(str(path)))
     assert device._cgroup_memory() == memory
     assert device._cgroup_cpus() == cpus
+
+
+@pytest.mark.parametrize(
+    ("affinity", "quota", "physical", "threads"),
+    [(8, None, 4, 4), (8, 2, 8, 2), (2, None, None, 2), (4, 6, 4, 4), (1, None, 8, 1)],
+)
+def test_default_threads_are_the_usable_physical_cores(monkeypatch, affinity, quota, physical, threads) -> None:
+    """CPU affinity, a cgroup quota and the physical cores each cap the default thread count."""
+    from edge_trady.device import profile as device
+
+    monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: set(range(affinity)), raising=False)
+    monkeypatch.setattr(device, "_cgroup_cpus", lambda: quota)
+    monkeypatch.setattr(device.psutil, "cpu_count", lambda logical=True: physical)
+    assert device.default_threads() == threads
+    assert device.usable_cores() == (min(affinity, quota or affinity), bool(quota and quota < affinity))

@@ -171,6 +171,22 @@ def test_gradients_equal_autograd_per_layer_kind(kind: str, tmp_path) -> None:
     assert_gradients_match(engine, model, x, y)
 
 
+@pytest.mark.parametrize(("size", "form"), [(8, "DepthToSpace"), (16, "ConvTranspose")])
+def test_strided_grouped_input_gradient_form_by_size(size: int, form: str, tmp_path) -> None:
+    """A strided depthwise conv's input gradient spreads it with zeros (DepthToSpace) on a small input,
+    is a ConvTranspose on an input of TRANSPOSE_FROM pixels or more: the same gradients either way."""
+    torch.manual_seed(0)
+    model = randomize(KINDS["depthwise 5x5 stride 2"]())
+    engine, costs = export(model, size, tmp_path)
+    step = onnx.load(tmp_path / engine.layout.step_model)
+    ops = {n.op_type for n in step.graph.node if n.name.startswith("/body/body.0/Conv/grad_input/")}
+    assert form in ops, ops
+    engine.set_selection(some_channels({name: costs[name] for name in engine.layers}, 0))
+    x, y = batch(4, size)
+    engine.train_step(x, y, 0.5)
+    assert_gradients_match(engine, model, x, y)
+
+
 def test_unselected_entries_stay_bit_identical_and_empty_selection_trains_the_head(tmp_path) -> None:
     torch.manual_seed(0)
     model = randomize(KINDS["residual add"]())

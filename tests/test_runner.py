@@ -30,7 +30,7 @@ from edge_trady.core.masks import channel_mask
 from edge_trady.device.data import MINUS_ONE_TO_ONE, load_dataset
 from edge_trady.device.manifest import FORMAT_VERSION, MANIFEST_FILE, Manifest, hash_files
 from edge_trady.device.runlog import read_jsonl
-from edge_trady.device.runner import RunRequest, load_data
+from edge_trady.device.runner import RunRequest, load_data, open_engine
 from edge_trady.engines.ort_training import OrtEngine
 from edge_trady.engines.portable_format import PortableLayout
 from edge_trady.errors import ArtifactError
@@ -237,6 +237,12 @@ def test_run_on_the_device_never_imports_torch(trained: Path, artifact: Path, pl
     info = json.loads((trained / "model.json").read_text())
     assert info["artifact_sha256"] == Manifest.load(artifact).artifact_sha256 == summary["artifact_sha256"]
     assert (trained / "model.onnx").is_file()
+
+
+def test_threads_reach_the_engine(artifact: Path, fmt: str) -> None:
+    engine = open_engine(Manifest.load(artifact), artifact, threads=3)
+    threads = engine.threads if fmt == "onnx" else engine._options.intra_op_num_threads
+    assert threads == 3
 
 
 def test_evaluate_reports_the_runs_last_val_accuracy(trained: Path, device) -> None:

@@ -50,6 +50,14 @@ from .options import checkpoint_options, progress_options
     is_flag=True,
     help="Run even when the plan's predicted peak exceeds the memory available now.",
 )
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 1024),
+    default=None,
+    envvar="EDGE_TRADY_THREADS",
+    help="Threads ONNX Runtime computes a step with (also EDGE_TRADY_THREADS). Default: the cores this "
+    "process may use (CPU affinity, a container's CPU quota), at most the physical cores.",
+)
 @progress_options
 def command(
     artifact: str,
@@ -63,6 +71,7 @@ def command(
     overwrite: bool,
     force: bool,
     checkpoint_every: int,
+    threads: int | None,
     quiet: bool,
     progress_every: float | None,
 ) -> None:
@@ -90,6 +99,7 @@ def command(
         overwrite=overwrite,
         force=force,
         checkpoint_every=checkpoint_every,
+        threads=threads,
     )
     summary = run(request, Progress(quiet, progress_every))
     if summary is not None and summary.accuracy_fell:

@@ -177,8 +177,9 @@ def train(
             order = epoch_order(len(train_data), config.seed, epoch)
             lr = schedule.lr(epoch * steps_per_epoch)
             where = f"epoch {epoch + 1}/{config.epochs}"
+            x = None  # the batch buffer, filled again each step (the engines keep no reference to it)
             for step, indices in _remaining(order, config.batch_size, state.step_in_epoch):
-                x, y = train_data.batch(indices)
+                x, y = train_data.batch(indices, out=x)
                 lr = schedule.lr(epoch * steps_per_epoch + step)
                 loss, correct = engine.train_step(x, y, lr)
                 if not math.isfinite(loss):

@@ -335,6 +335,23 @@ def _cgroup_memory() -> tuple[int, int] | None:
     return best
 
 
+def usable_cores() -> tuple[int, bool]:
+    """Cores this process may run on (its CPU affinity, or fewer under a cgroup CPU quota), and
+    whether the quota is what limits them."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = _cgroup_cpus()
+    if quota and quota < cores:
+        return quota, True
+    return max(cores, 1), False
+
+
+def default_threads() -> int:
+    """Intra-op threads of a training run: the usable cores, at most the physical ones (a second
+    hardware thread of a core adds no arithmetic units to the convolutions)."""
+    physical = psutil.cpu_count(logical=False) or usable_cores()[0]
+    return max(1, min(usable_cores()[0], physical))
+
+
 def _cgroup_cpus() -> int | None:
     """Cores allowed by a cgroup CPU quota (rounded up), else None."""
     for directory, is_v2 in _cgroup_dirs("cpu"):
@@ -425,10 +442,8 @@ def measure_profile(
     if headroom is not None and headroom < available:
         available = max(headroom, 1)
         notes.append("memory limited by an address-space limit (RLIMIT_AS)")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    quota = _cgroup_cpus()
-    if quota and quota < (cores or 1):
-        cores = quota
+    cores, limited = usable_cores()
+    if limited:
         notes.append("CPU limited by a cgroup quota")
 
     baselines: dict[str, int] = {}

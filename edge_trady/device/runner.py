@@ -21,7 +21,7 @@ from .heap import pin_mmap_threshold
 from .loop import TrainConfig, fell_below, train
 from .manifest import MANIFEST_FILE, Manifest, ModelInfo, sha256_file
 from .memwatch import current_rss_bytes, peak_rss_bytes
-from .profile import available_memory
+from .profile import available_memory, default_threads
 from .progress import Progress
 from .rundir import DONE_FILE, SUMMARY_FILE, TRAINING_OUTPUTS, open_run_folder, run_finished
 
@@ -168,6 +168,7 @@ class RunRequest:
     overwrite: bool = False  # replace the files of a previous run in ``out``
     force: bool = False  # run even if the memory guard says it will not fit
     checkpoint_every: int = 0
+    threads: int | None = None  # ONNX Runtime intra-op threads (default: profile.default_threads)
 
 
 @dataclass
@@ -203,18 +204,22 @@ def load_data(manifest: Manifest, request: RunRequest) -> tuple[Dataset, Dataset
     return train_data, val_data
 
 
-def open_engine(manifest: Manifest, artifact: Path):
+def open_engine(manifest: Manifest, artifact: Path, threads: int | None = None):
     """The engine of the artifact's format (it loads onnxruntime: only when a run really starts),
-    checked against the plan the manifest carries."""
+    checked against the plan the manifest carries; ``threads``: ONNX Runtime's intra-op threads
+    (default: ``profile.default_threads``)."""
     pin_mmap_threshold()  # the engines free and re-create sessions and tensors of a few MiB
+    threads = threads or default_threads()
     if manifest.format == "onnx":
         from ..engines.portable import PortableEngine
 
-        engine = PortableEngine(artifact)
+        engine = PortableEngine(artifact, threads=threads)
     else:
-        from ..engines.ort_training import OrtEngine
+        from ..engines.ort_training import C, OrtEngine
 
-        engine = OrtEngine(artifact)
+        options = C.SessionOptions()
+        options.intra_op_num_threads = threads
+        engine = OrtEngine(artifact, options=options)
     for layer in manifest.plan.layer_costs:
         if engine.layers.get(layer.name) != layer:
             raise ArtifactError(
@@ -242,7 +247,8 @@ def run(request: RunRequest, progress: Progress) -> RunSummary | None:
             return None
         train_data, val_data = load_data(manifest, request)
         check_loaded_data(plan, [train_data, val_data], request.force, progress)
-        engine = open_engine(manifest, request.artifact)
+        threads = request.threads or default_threads()
+        engine = open_engine(manifest, request.artifact, threads)
         check_memory(plan.estimate.peak_bytes, request.force, progress, "with the engine loaded, the predicted peak")
         config = TrainConfig(
             request.epochs or plan.epochs,
@@ -256,7 +262,8 @@ def run(request: RunRequest, progress: Progress) -> RunSummary | None:
         progress.line(
             f"{plan.model} on {train_data.source}: {len(train_data)} train / {len(val_data)} val images, "
             f"method {plan.method}, budget {Budget(plan.budget, plan.budget_unit)} "
-            f"({len(sampler.layers)} candidate layers), predicted peak {format_bytes(plan.estimate.peak_bytes)}"
+            f"({len(sampler.layers)} candidate layers), predicted peak {format_bytes(plan.estimate.peak_bytes)}, "
+            f"{threads} thread{'s' if threads > 1 else ''}"
         )
         origin = {
             "artifact_sha256": manifest.artifact_sha256,

@@ -51,6 +51,9 @@ def session_options(threads: int | None, step: bool):
         options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     if threads:
         options.intra_op_num_threads = threads
+    # Idle worker threads sleep instead of spinning: on a loaded machine spinning doubled the CPU
+    # time of a 2-thread step and made it 5x slower in wall time (bench/threads.py, docs/speed.md).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
@@ -192,6 +195,11 @@ class PortableEngine:
 
     def train_step(self, x: np.ndarray, y: np.ndarray, lr: float) -> tuple[float, int]:
         loss, correct, grads = self.gradients(x, y)
+        self.apply_gradients(grads, lr)
+        return loss, correct
+
+    def apply_gradients(self, grads: dict[str, np.ndarray], lr: float) -> None:
+        """Plain SGD with the gradients of ``gradients``: the selected slices and the classifier."""
         layer_of = self.layout.layer_of
         for name, weight in self.weights.items():
             if name in layer_of:
@@ -199,7 +207,6 @@ class PortableEngine:
             else:  # the classifier: every entry trains
                 weight -= np.float32(lr) * grads[name]
         self._changes += 1
-        return loss, correct
 
     def gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[float, int, dict[str, np.ndarray]]:
         """Mean loss, correct predictions and the gradient of every trainable tensor on a batch: of

@@ -38,8 +38,10 @@ class Dataset(ABC):
         """Memory the examples hold while loaded (what the runner's memory guard counts)."""
 
     @abstractmethod
-    def batch(self, indices: np.ndarray) -> tuple[Inputs, np.ndarray]:
-        """The model's inputs for the examples ``indices`` and their int64 labels [b]."""
+    def batch(self, indices: np.ndarray, out: Inputs | None = None) -> tuple[Inputs, np.ndarray]:
+        """The model's inputs for the examples ``indices`` and their int64 labels [b]. ``out``: an
+        earlier batch of this dataset that the caller no longer needs, which a modality may write the
+        new inputs into (no new memory pages per step) or ignore."""
 
     @abstractmethod
     def examples(self) -> tuple[np.ndarray, ...]:

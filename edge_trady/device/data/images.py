@@ -10,7 +10,7 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image
 
-from .base import Dataset
+from .base import Dataset, Inputs
 
 
 @dataclass(frozen=True)
@@ -58,9 +58,15 @@ class ImageDataset(Dataset):
     def examples(self) -> tuple[np.ndarray, ...]:
         return (self.pixels,)
 
-    def batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """float32 [b, 3, S, S] normalised (C-contiguous), int64 labels [b]."""
-        x = self.pixels[indices].transpose(0, 3, 1, 2).astype(np.float32, order="C")
+    def batch(self, indices: np.ndarray, out: Inputs | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """float32 [b, 3, S, S] normalised (C-contiguous), int64 labels [b]; written into ``out`` when it
+        is an earlier batch of this shape (its values are replaced; no new pages to fault in)."""
+        shape = (len(indices), 3, self.image_size, self.image_size)
+        if isinstance(out, np.ndarray) and out.shape == shape and out.dtype == np.float32 and out.flags.c_contiguous:
+            x = out
+            np.copyto(x, self.pixels[indices].transpose(0, 3, 1, 2))
+        else:
+            x = self.pixels[indices].transpose(0, 3, 1, 2).astype(np.float32, order="C")
         # (pixel - 255 mean) / (255 std): exact -1 and 1 at 0 and 255 for MINUS_ONE_TO_ONE
         x -= (255 * np.asarray(self.normalization.mean, np.float32))[:, None, None]
         x /= (255 * np.asarray(self.normalization.std, np.float32))[:, None, None]

@@ -14,7 +14,7 @@ What the step keeps between forward and backward:
 - ``Gather(x, S, axis=1)``: the selected input channels of every candidate layer, taken right
   after ``x`` is produced (the classifier keeps its whole, pooled input);
 - the masks of the clamp activations (ReLU, ReLU6, Hardtanh) whose gradient is needed, taken from
-  their output right after it is produced, 1 bit per value (``MatMulInteger`` with the powers of
+  their output right after it is produced, 1 bit per value (a float ``MatMul`` with the powers of
   two packs 8 values per byte; a ``Gather`` from a 256-row table unpacks them); 1 byte per value
   when a sample's size is not a multiple of 8.
 
@@ -56,6 +56,7 @@ from .rules import (
     cannot_differentiate,
     node_attr,
 )
+from .rules.conv import fold_affines
 
 OPSET = 17  # ScatterElements with reduction: opset >= 16
 IR_VERSION = 8
@@ -130,6 +131,7 @@ class StepBuilder(ClampRules, ArithmeticRules, ShapeRules, LinearRules, ConvRule
         head_params: list[str],
     ) -> None:
         self.graph = forward.graph
+        self.layer_of_weight = {f"{layer.name}.weight": layer.name for layer in candidates}
         self.infos = infos
         self.candidates = {layer.name: layer for layer in candidates}
         self.classifier = classifier
@@ -140,8 +142,8 @@ class StepBuilder(ClampRules, ArithmeticRules, ShapeRules, LinearRules, ConvRule
             value = _fold(node, self.constants)
             if value is not None:
                 self.constants[node.output[0]] = value
+        self.graph, self.scales = fold_affines(self.graph, self.constants, set(self.layer_of_weight))
         self.weights = [f"{name}.weight" for name in self.candidates] + head_params
-        self.layer_of_weight = {f"{name}.weight": name for name in self.candidates}
         self.channel_inputs = {name: CHANNELS_PREFIX + name for name in self.candidates}
         self.refreshed = [f"{n}.weight" for n, layer in self.candidates.items() if layer.kind in ("dwconv", "gconv")]
         self.slice_inputs = {weight: SLICE_PREFIX + weight for weight in self.refreshed}
@@ -202,12 +204,8 @@ class StepBuilder(ClampRules, ArithmeticRules, ShapeRules, LinearRules, ConvRule
         self._tap(INPUT)
         forward.extend(self._take())
         for node in self.graph.node:
-            if node.op_type == "Conv" and node.input[1] in self.slice_inputs:
-                raw = onnx.NodeProto()
-                raw.CopyFrom(node)
-                raw.output[0] = self.emit.fresh(f"{node.name}/refreshed")
-                forward.append(raw)
-                self._refreshed_conv(node, raw.output[0], node.output[0])
+            if node.op_type == "Conv" and node.input[1] in self.layer_of_weight:
+                self._candidate_conv(node)
             else:
                 forward.append(node)
             for output in node.output:
@@ -294,7 +292,9 @@ class StepBuilder(ClampRules, ArithmeticRules, ShapeRules, LinearRules, ConvRule
 
     def _after(self, t: str, gate: str, hint: str) -> str:
         """``t`` unchanged (a Reshape, no copy) but computed only once ``gate`` exists: with the
-        priority-based order nothing that reads it can run before (see the module docstring)."""
+        priority-based order nothing that reads it can run before (see the module docstring). The
+        gate is ``Size(gate) * 0``: ONNX Runtime cannot fold it (``Shape(gate, start=0, end=0)``,
+        an always-empty shape, may be folded into a constant, which would undo the gate)."""
         e = self.emit
         zero = e.op("Mul", [e.op("Size", [gate], hint), e.ints([0], hint)], hint)
         return e.op("Reshape", [t, e.op("Add", [e.op("Shape", [t], hint), zero], hint)], hint, allowzero=1)

@@ -24,6 +24,12 @@ selected channels only:
 - weight gradient (of ``V``): ``Σ gy[outputs of S] * patches(x_S)`` by Mul + ReduceSum (ONNX
   Runtime's Einsum crashes with SIGFPE when a dimension shared by both operands and the output,
   here ``n``, is empty).
+
+A trained conv followed by a frozen BatchNorm (the forward's constant per-channel affine
+``y * s + t``, ``forward.ConstantAffine``) is folded (``fold_affines``): the step runs
+``Conv(x, W * s, bias t)`` (a weight-size ``Mul``; ONNX Runtime folds it for a refreshed weight) and
+multiplies the weight gradient by ``s``, which is the gradient of the raw ``W``; the activation-size
+``Mul`` and ``Add`` of the forward and the ``Mul`` of their backward are gone.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ import onnx
 
 from ....errors import ArtifactError
 from .base import CONV_GEMM, SELECTED, Keep, node_attr, rule
+
+TRANSPOSE_FROM = 16 * 16  # input pixels from which a strided grouped conv's input gradient is a ConvTranspose
+_FLOAT_ZERO = onnx.helper.make_tensor("zero", onnx.TensorProto.FLOAT, [1], [0.0])
 
 SLICE_DIFFERENCE = Keep(
     "slice differences",
@@ -173,7 +182,9 @@ class ConvRules:
         if min(pads) >= 0:
             attrs = {"pads": pads, "dilations": geo.dilations, "kernel_shape": geo.kernel}
             kernel = e.const(np.ascontiguousarray(one_hot[:, :, ::-1, ::-1]), hint)
-            spread = e.op("Conv", [self._interleave_zeros(images, geo, hint), kernel], hint, **attrs)
+            if geo.strides != [1, 1]:
+                images = self._interleave_zeros(images, geo, hint)
+            spread = e.op("Conv", [images, kernel], hint, **attrs)
         else:
             kernel = e.const(one_hot.transpose(1, 0, 2, 3).copy(), hint)
             spread = e.op("ConvTranspose", [images, kernel], hint, **{**geo.transpose_attrs(), "group": 1})
@@ -195,6 +206,40 @@ class ConvRules:
 
     # ------------------------------------------------------------------------- forward
 
+    def _candidate_conv(self, node: onnx.NodeProto) -> None:
+        """The forward of a candidate conv: its weight (scaled by a folded affine's ``s``) and, for a
+        refreshed weight, the selected slice's correction (``_refreshed_conv``)."""
+        weight = node.input[1]
+        conv = onnx.NodeProto()
+        conv.CopyFrom(node)
+        conv.input[1] = self._weight_value(weight, f"{node.name}/scaled", gate=node.input[0])
+        if weight in self.slice_inputs:
+            conv.output[0] = self.emit.fresh(f"{node.name}/refreshed")
+            self.emit.nodes.append(conv)
+            self._refreshed_conv(node, conv.output[0], node.output[0])
+        else:
+            self.emit.nodes.append(conv)
+
+    def _weight_value(self, weight: str, hint: str, gate: str | None = None) -> str:
+        """What the conv computes with: ``weight``, times a folded affine's scale (``fold_affines``);
+        a fed weight is read once ``gate`` exists (see ``_after``) when the scale is applied: in the
+        forward its input (else every scaled weight is made at the start and kept until its conv:
+        +8.7 MiB live at 128 px), in the backward its output gradient."""
+        if weight not in self.scales:
+            return weight
+        value = weight
+        if gate is not None and weight not in self.refreshed:
+            value = self._after(weight, gate, hint)
+        return self.emit.op("Mul", [value, self.emit.const(self.scales[weight].reshape(-1, 1, 1, 1), hint)], hint)
+
+    def _row_scales(self, layer: str, rank: int) -> str:
+        """A grouped layer's folded scale at its slice's rows: [n, C'/g, 1, ...] (``rank`` dims)."""
+        e, hint = self.emit, f"{layer}/index"
+        outs = self.candidates[layer].out_channels // self.candidates[layer].groups
+        scale = e.const(self.scales[f"{layer}.weight"], hint)
+        rows = e.op("Gather", [scale, self._group_index(layer)["outputs"]], hint, axis=0)
+        return e.op("Reshape", [rows, e.ints([-1, outs] + [1] * (rank - 2), hint)], hint)
+
     def _refreshed_conv(self, node: onnx.NodeProto, raw: str, y: str) -> None:
         """Forward of a grouped candidate conv whose Conv reads the refreshed ``W_e``: add the
         selected slice's difference (see the module docstring) to ``raw`` and name the sum ``y``."""
@@ -209,6 +254,8 @@ class ConvRules:
         baked = e.op("Gather", [rows, index["flat"]], hint, axis=0)  # [n, outs, kh, kw]
         delta = e.op("Sub", [self.slice_inputs[weight], baked], hint)
         self.deltas[layer] = e.op("Reshape", [delta, e.ints([-1, outs, 1, kh * kw, 1, 1], hint)], hint)
+        if weight in self.scales:
+            self.deltas[layer] = e.op("Mul", [self.deltas[layer], self._row_scales(layer, 6)], hint)
         why = f"difference of the selected slice of {layer} from the refreshed weight"
         self._record(self.deltas[layer], SLICE_DIFFERENCE, why, 0, fixed=4 * outs * kh * kw, layer=layer)
         patches = self._patches(self.taps[layer], geo, hint)  # [n, B, kk, H', W']
@@ -229,10 +276,10 @@ class ConvRules:
         layer = self.layer_of_weight.get(weight)
         picked = None
         if layer is not None and geo.group == 1:
-            self.weight_grads[weight] = self._dense_weight_grad(layer, gy, geo)
+            self.weight_grads[weight] = self._scaled_grad(layer, self._dense_weight_grad(layer, gy, geo))
         elif layer is not None:
             picked = self._picked(layer, gy, geo)
-            self.weight_grads[weight] = self._grouped_weight_grad(layer, gy, picked, geo)
+            self.weight_grads[weight] = self._scaled_grad(layer, self._grouped_weight_grad(layer, gy, picked, geo))
         if not self._wants(x):
             return
         grad = self._conv_input_grad(node, gy, geo)
@@ -242,16 +289,31 @@ class ConvRules:
             )
         self._add_grad(x, grad)
 
+    def _scaled_grad(self, layer: str, grad: str) -> str:
+        """The gradient of ``layer``'s raw weight from that of its scaled one (``fold_affines``):
+        ``grad`` times the scale of each row (``grad`` itself when no affine was folded)."""
+        weight = f"{layer}.weight"
+        if weight not in self.scales:
+            return grad
+        hint = f"{layer}/grad_weight"
+        if self.candidates[layer].groups == 1:
+            factor = self.emit.const(self.scales[weight].reshape(-1, 1, 1, 1), hint)
+        else:
+            factor = self._row_scales(layer, 4)
+        return self.emit.op("Mul", [grad, factor], hint)
+
     def _conv_input_grad(self, node: onnx.NodeProto, gy: str, geo: Geometry) -> str:
         """A stride-1 correlation of ``gy`` with the flipped kernel, inputs and outputs swapped per
         group (a constant for a frozen or refreshed weight): ORT runs it faster than ConvTranspose.
-        A strided grouped conv first spreads ``gy`` with stride - 1 zeros (ConvTranspose is slowest
-        there); a strided dense conv uses ``ConvTranspose(gy, W)``."""
+        A strided dense conv uses ``ConvTranspose(gy, W)``; a strided grouped one too when its input
+        has at least ``TRANSPOSE_FROM`` pixels, else it spreads ``gy`` with stride - 1 zeros first
+        (measured per shape, EfficientNet-Lite0's strided depthwise layers: ``bench/conv_forms.py``)."""
         e, weight, hint = self.emit, node.input[1], f"{node.name}/grad_input"
         pads = geo.flipped_pads()
         strided = geo.strides != [1, 1]
-        if min(pads) < 0 or (strided and geo.group == 1):
-            return e.op("ConvTranspose", [gy, weight], hint, **geo.transpose_attrs())
+        large = geo.in_hw[0] * geo.in_hw[1] >= TRANSPOSE_FROM
+        if min(pads) < 0 or (strided and (geo.group == 1 or large)):
+            return e.op("ConvTranspose", [gy, self._weight_value(weight, hint, gy)], hint, **geo.transpose_attrs())
         if strided:
             gy = self._interleave_zeros(gy, geo, hint)
         attrs = {"group": geo.group, "dilations": geo.dilations, "pads": pads, "kernel_shape": geo.kernel}
@@ -266,8 +328,8 @@ class ConvRules:
         if weight not in self.weights:  # frozen
             swapped = self.constants[weight].reshape(groups, outs, per_group, kh, kw).transpose(0, 2, 1, 3, 4)
             return e.const(np.ascontiguousarray(swapped.reshape(-1, outs, kh, kw)[:, :, ::-1, ::-1]), hint)
-        kernel = weight  # ORT folds what follows when the weight is a (refreshed) initializer
-        if weight not in self.refreshed:
+        kernel = self._weight_value(weight, hint, gy)  # ORT folds what follows for a refreshed initializer
+        if kernel == weight and weight not in self.refreshed:
             kernel = self._after(weight, gy, hint)
         if outs > 1 or per_group > 1:
             grouped = e.op("Reshape", [kernel, e.ints([groups, outs, per_group, kh, kw], hint)], hint)
@@ -279,12 +341,19 @@ class ConvRules:
         return kernel
 
     def _interleave_zeros(self, t: str, geo: Geometry, hint: str) -> str:
-        """``t`` ([B, C, H', W']) with stride - 1 zeros between its values: [B, C, (H'-1)*s + 1, ...]."""
+        """``t`` ([B, C, H', W']) with stride - 1 zeros between its values: [B, C, (H'-1)*s + 1, ...].
+        Equal strides: ``t`` and s*s - 1 zero blocks, ``Concat`` + ``DepthToSpace`` (1.7-2x faster
+        in ORT than a ``Pad`` of the 6-D view, which the other case uses)."""
         e = self.emit
         (sh, sw), (oh, ow) = geo.strides, geo.out_hw
-        spread = e.op("Unsqueeze", [t, e.ints([3, 5], hint)], hint)  # [B, C, H', 1, W', 1]
-        spread = e.op("Pad", [spread, e.ints([0] * 6 + [0, 0, 0, sh - 1, 0, sw - 1], hint)], hint)
-        merged = e.op("Reshape", [spread, e.ints([0, 0, oh * sh, ow * sw], hint)], hint)
+        if sh == sw:
+            zeros = e.op("ConstantOfShape", [e.op("Shape", [t], hint)], hint, value=_FLOAT_ZERO)
+            blocks = e.op("Concat", [t] + [zeros] * (sh * sw - 1), hint, axis=1)
+            merged = e.op("DepthToSpace", [blocks], hint, blocksize=sh, mode="DCR")
+        else:
+            spread = e.op("Unsqueeze", [t, e.ints([3, 5], hint)], hint)  # [B, C, H', 1, W', 1]
+            spread = e.op("Pad", [spread, e.ints([0] * 6 + [0, 0, 0, sh - 1, 0, sw - 1], hint)], hint)
+            merged = e.op("Reshape", [spread, e.ints([0, 0, oh * sh, ow * sw], hint)], hint)
         ends = e.ints([(oh - 1) * sh + 1, (ow - 1) * sw + 1], hint)
         return e.op("Slice", [merged, e.ints([0, 0], hint), ends, e.ints([2, 3], hint)], hint)
 
@@ -345,6 +414,68 @@ class ConvRules:
         scaled = e.op("Mul", [gy, e.const(scale, hint)], hint)
         ones = e.const(np.ones((channels, 1, *geo.kernel), np.float32), hint)
         self._add_grad(x, e.op("ConvTranspose", [scaled, ones], hint, **geo.transpose_attrs()))
+
+
+def fold_affines(
+    graph: onnx.GraphProto, constants: dict[str, np.ndarray], trained: set[str]
+) -> tuple[onnx.GraphProto, dict[str, np.ndarray]]:
+    """``graph`` with every ``Conv(x, W) -> Mul(s) -> Add(t)`` whose weight ``W`` is in ``trained``
+    and whose ``s`` and ``t`` are per-output-channel constants replaced by one ``Conv(x, W, bias)``
+    named as the ``Add`` (``bias = b * s + t``), and the scales ``s`` by weight: the step applies them
+    (see the module docstring). ``constants`` gains the biases."""
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    scales: dict[str, np.ndarray] = {}
+    replaced: dict[int, onnx.NodeProto] = {}
+    dropped: set[int] = set()
+    for node in graph.node:
+        if node.op_type != "Conv" or len(node.input) < 2 or node.input[1] not in trained:
+            continue
+        channels = constants[node.input[1]].shape[0]
+        mul = _only_user(node.output[0], users, outputs, "Mul")
+        add = mul and _only_user(mul.output[0], users, outputs, "Add")
+        scale = mul and _per_channel(mul, node.output[0], constants, channels)
+        shift = add and _per_channel(add, mul.output[0], constants, channels)
+        if scale is None or shift is None:
+            continue
+        bias = shift if len(node.input) < 3 or not node.input[2] else constants[node.input[2]] * scale + shift
+        name = f"{node.input[1]}/folded_bias"
+        constants[name] = bias.astype(np.float32)
+        folded = onnx.NodeProto()
+        folded.CopyFrom(node)
+        del folded.input[2:]
+        folded.input.append(name)
+        folded.output[0] = add.output[0]
+        replaced[id(node)] = folded
+        dropped.update((id(mul), id(add)))
+        scales[node.input[1]] = scale.astype(np.float32)
+    result = onnx.GraphProto()
+    result.CopyFrom(graph)
+    del result.node[:]
+    result.node.extend(replaced.get(id(n), n) for n in graph.node if id(n) not in dropped)
+    result.initializer.extend(
+        onnx.numpy_helper.from_array(constants[f"{w}/folded_bias"], f"{w}/folded_bias") for w in scales
+    )
+    return result, scales
+
+
+def _only_user(name: str, users: dict[str, list[onnx.NodeProto]], outputs: set[str], op: str) -> onnx.NodeProto | None:
+    found = users.get(name, [])
+    return found[0] if len(found) == 1 and found[0].op_type == op and name not in outputs else None
+
+
+def _per_channel(node: onnx.NodeProto, data: str, constants: dict[str, np.ndarray], channels: int) -> np.ndarray | None:
+    """The other operand of ``node`` as a [channels] vector, if it is a constant per channel of ``data``."""
+    other = [i for i in node.input if i != data]
+    if len(other) != 1 or other[0] not in constants:
+        return None
+    value = constants[other[0]]
+    if value.ndim not in (3, 4) or value.size != channels or value.shape[-3] != channels:
+        return None
+    return value.reshape(channels)
 
 
 def _one_hot(kernel: list[int]) -> np.ndarray:
